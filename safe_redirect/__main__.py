@@ -1,0 +1,5 @@
+import sys
+
+from safe_redirect.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1003 @@
+/* _ring.c - the lock-free shared-memory transport and the write hook of safe_redirect.
+ *
+ * No policy lives here: this file moves bytes and reports what it could not move; what to do about
+ * a full lane or a fork is decided by the Python code that calls it.
+ *
+ * Byte layout of a segment (native-endian; offsets in bytes):
+ *
+ *   segment header, SEG_HEADER bytes
+ *      0  u64 magic          SEG_MAGIC
+ *      8  u32 version        SEG_VERSION
+ *     12  u32 nlanes
+ *     16  u64 lane_bytes     data capacity of one lane, a power of two
+ *     24  u64 master_pid     the installing process
+ *     32  u64 master_start   its start time, microseconds since the epoch
+ *     40  u32 closed         1 once the master uninstalled: producers detach at their next write
+ *     44  u32 lane_misses    children that found no free lane (they write to their terminal only)
+ *     64  u32 sleeping       1 while the drain thread sleeps on `bell`
+ *     68  u32 bell           futex word, bumped to wake the drain thread
+ *   then nlanes lanes, each LANE_HEADER + lane_bytes:
+ *     lane header, three cache lines so that producer and consumer never share one
+ *      +0   u64 owner_pid    0 = free; a producer claims the lane by compare-and-swap 0 -> pid
+ *      +8   u32 state        LANE_FREE / LANE_ACTIVE / LANE_CLOSED
+ *      +16  i64 rank         -1 = unknown
+ *      +24  u64 owner_start  the owner's start time in microseconds (tells a reused pid apart)
+ *      +64  u64 tail         producer: bytes ever published, stored with release order
+ *      +72  u64 records, +80 bytes, +88 spilled_records, +96 spilled_bytes, +104 stalls
+ *      +128 u64 head         consumer: bytes ever consumed, stored with release order
+ *     data, lane_bytes: a byte ring of records, each
+ *      u32 len | u8 stream | u8 flags | u16 zero | u64 time_ns | len payload bytes | pad to 8
+ *     A record may wrap around the end of the ring. A write larger than half the ring is cut into
+ *     records flagged FLAG_CONT except the last; the reader joins bytes per stream anyway.
+ *
+ * Single producer per lane: a lane belongs to one process, and a record is written by one C call
+ * that holds the GIL from the space check to the publish of tail, so threads of one process need
+ * no lock. Nothing here ever takes a lock that a fork could leave held.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <pythread.h>
+#include <stdatomic.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+#include <time.h>
+#include <pthread.h>
+#ifdef __linux__
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
+#define SEG_MAGIC 0x3152445245464153ULL /* "SAFERDR1" */
+#define SEG_VERSION 1u
+#define SEG_HEADER 128u
+#define LANE_HEADER 192u
+#define REC_HEADER 16u
+
+#define LANE_FREE 0u
+#define LANE_ACTIVE 1u
+#define LANE_CLOSED 2u
+
+#define FLAG_CONT 1u
+#define FLAG_FLUSH 2u
+
+#define KIND_TEXT 0
+#define KIND_BYTES 1
+#define KIND_FLUSH 2
+
+typedef struct {
+    uint64_t magic;
+    uint32_t version;
+    uint32_t nlanes;
+    uint64_t lane_bytes;
+    uint64_t master_pid;
+    uint64_t master_start;
+    _Atomic uint32_t closed;
+    _Atomic uint32_t lane_misses;
+    char pad0[64 - 48];
+    _Atomic uint32_t sleeping;
+    _Atomic uint32_t bell;
+    char pad1[64 - 8];
+} seg_header;
+
+typedef struct {
+    _Atomic uint64_t owner_pid;
+    _Atomic uint32_t state;
+    uint32_t pad_s;
+    int64_t rank;
+    uint64_t owner_start;
+    char pad0[64 - 32];
+    _Atomic uint64_t tail;
+    _Atomic uint64_t records;
+    _Atomic uint64_t bytes;
+    _Atomic uint64_t spilled_records;
+    _Atomic uint64_t spilled_bytes;
+    _Atomic uint64_t stalls;
+    char pad1[64 - 48];
+    _Atomic uint64_t head;
+    char pad2[64 - 8];
+} lane_header;
+
+_Static_assert(sizeof(seg_header) == SEG_HEADER, "segment header layout");
+_Static_assert(sizeof(lane_header) == LANE_HEADER, "lane header layout");
+
+/* Bumped in every child right after fork(), before any Python code runs there, also for forks
+ * made by C libraries that skip Python's own fork handlers. The write hook compares it with the
+ * generation its producer was made in: one load instead of a getpid() system call. */
+static _Atomic uint64_t fork_generation = 0;
+
+/* How deep this thread is inside a hooked text-layer call. TextIOWrapper hands its encoded bytes to
+ * `buffer.write` through a normal attribute lookup, so a hooked buffer would see them a second time. */
+static _Thread_local int text_depth = 0;
+
+static void after_fork_in_child(void) { atomic_fetch_add(&fork_generation, 1); }
+
+static uint64_t now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+static inline uint64_t align8(uint64_t n) { return (n + 7u) & ~(uint64_t)7u; }
+
+/* ---------------------------------------------------------------- raw ring operations */
+
+static inline lane_header *lane_at(char *base, uint64_t lane_bytes, uint32_t i) {
+    return (lane_header *)(base + SEG_HEADER + (uint64_t)i * (LANE_HEADER + lane_bytes));
+}
+
+static inline char *lane_data(lane_header *lane) { return (char *)lane + LANE_HEADER; }
+
+static void ring_copy_in(char *data, uint64_t cap, uint64_t pos, const char *src, uint64_t n) {
+    uint64_t at = pos & (cap - 1), first = cap - at;
+    if (n <= first) {
+        memcpy(data + at, src, n);
+    } else {
+        memcpy(data + at, src, first);
+        memcpy(data, src + first, n - first);
+    }
+}
+
+static void ring_copy_out(const char *data, uint64_t cap, uint64_t pos, char *dst, uint64_t n) {
+    uint64_t at = pos & (cap - 1), first = cap - at;
+    if (n <= first) {
+        memcpy(dst, data + at, n);
+    } else {
+        memcpy(dst, data + at, first);
+        memcpy(dst + first, data, n - first);
+    }
+}
+
+static void futex_wake_all(_Atomic uint32_t *word) {
+#ifdef __linux__
+    syscall(SYS_futex, (uint32_t *)word, FUTEX_WAKE, INT32_MAX, NULL, NULL, 0);
+#else
+    (void)word;
+#endif
+}
+
+static void ring_bell(seg_header *seg) {
+    atomic_fetch_add(&seg->bell, 1);
+    futex_wake_all(&seg->bell);
+}
+
+/* Append `len` bytes as one or more records. Returns the payload bytes published: `len` when all
+ * fit, less when the lane filled up (the caller decides how to wait), -1 when the segment is closed. */
+static int64_t ring_append(seg_header *seg, lane_header *lane, unsigned stream, unsigned flags,
+                           const char *src, uint64_t len) {
+    if (atomic_load_explicit(&seg->closed, memory_order_relaxed)) return -1;
+    uint64_t cap = seg->lane_bytes;
+    uint64_t max_chunk = cap / 2 - REC_HEADER;
+    char *data = lane_data(lane);
+    uint64_t tail = atomic_load_explicit(&lane->tail, memory_order_relaxed);
+    uint64_t head = atomic_load_explicit(&lane->head, memory_order_acquire);
+    uint64_t done = 0, nrec = 0, t = now_ns();
+    do {
+        uint64_t chunk = len - done < max_chunk ? len - done : max_chunk;
+        uint64_t need = align8(REC_HEADER + chunk);
+        if (cap - (tail - head) < need) break;
+        unsigned char hdr[REC_HEADER];
+        uint32_t n32 = (uint32_t)chunk;
+        memcpy(hdr, &n32, 4);
+        hdr[4] = (unsigned char)stream;
+        hdr[5] = (unsigned char)(flags | (done + chunk < len ? FLAG_CONT : 0u));
+        hdr[6] = hdr[7] = 0;
+        memcpy(hdr + 8, &t, 8);
+        ring_copy_in(data, cap, tail, (const char *)hdr, REC_HEADER);
+        ring_copy_in(data, cap, tail + REC_HEADER, src + done, chunk);
+        tail += need;
+        done += chunk;
+        nrec++;
+    } while (done < len);
+    if (nrec == 0) return 0;
+    atomic_store_explicit(&lane->tail, tail, memory_order_release);
+    atomic_fetch_add_explicit(&lane->records, nrec, memory_order_relaxed);
+    atomic_fetch_add_explicit(&lane->bytes, done, memory_order_relaxed);
+    /* Dekker with the consumer's wait: publish tail, then look whether it sleeps. */
+    atomic_thread_fence(memory_order_seq_cst);
+    if (atomic_load_explicit(&seg->sleeping, memory_order_relaxed) &&
+        atomic_exchange(&seg->sleeping, 0u)) {
+        ring_bell(seg);
+    }
+    return (int64_t)done;
+}
+
+/* ---------------------------------------------------------------- Segment */
+
+typedef struct {
+    PyObject_HEAD
+    Py_buffer view; /* keeps the mapping alive and pinned while we point into it */
+    int has_view;
+    char *base;
+    seg_header *hdr;
+} SegmentObject;
+
+static PyTypeObject Segment_Type;
+static PyTypeObject Producer_Type;
+static PyTypeObject Hook_Type;
+
+static int segment_ready(SegmentObject *self) {
+    if (!self->has_view) {
+        PyErr_SetString(PyExc_ValueError, "segment is released");
+        return 0;
+    }
+    return 1;
+}
+
+static lane_header *segment_lane(SegmentObject *self, long i) {
+    if (!segment_ready(self)) return NULL;
+    if (i < 0 || (uint64_t)i >= self->hdr->nlanes) {
+        PyErr_Format(PyExc_IndexError, "lane %ld out of range", i);
+        return NULL;
+    }
+    return lane_at(self->base, self->hdr->lane_bytes, (uint32_t)i);
+}
+
+static Py_ssize_t segment_size(uint64_t nlanes, uint64_t lane_bytes) {
+    return (Py_ssize_t)(SEG_HEADER + nlanes * (LANE_HEADER + lane_bytes));
+}
+
+static PyObject *ring_format(PyObject *mod, PyObject *args) {
+    PyObject *buf;
+    unsigned long nlanes;
+    unsigned long long lane_bytes, master_pid, master_start;
+    if (!PyArg_ParseTuple(args, "OkKKK", &buf, &nlanes, &lane_bytes, &master_pid, &master_start))
+        return NULL;
+    if (nlanes == 0 || nlanes > 65536) {
+        PyErr_SetString(PyExc_ValueError, "nlanes must be 1..65536");
+        return NULL;
+    }
+    if (lane_bytes < 4096 || (lane_bytes & (lane_bytes - 1)) || lane_bytes > (1ull << 32)) {
+        PyErr_SetString(PyExc_ValueError, "lane_bytes must be a power of two in 4 KiB..4 GiB");
+        return NULL;
+    }
+    Py_buffer view;
+    if (PyObject_GetBuffer(buf, &view, PyBUF_WRITABLE) < 0) return NULL;
+    if (view.len < segment_size(nlanes, lane_bytes)) {
+        PyBuffer_Release(&view);
+        PyErr_SetString(PyExc_ValueError, "buffer too small for the segment");
+        return NULL;
+    }
+    char *base = view.buf;
+    memset(base, 0, SEG_HEADER);
+    seg_header *hdr = (seg_header *)base;
+    hdr->version = SEG_VERSION;
+    hdr->nlanes = (uint32_t)nlanes;
+    hdr->lane_bytes = lane_bytes;
+    hdr->master_pid = master_pid;
+    hdr->master_start = master_start;
+    for (uint32_t i = 0; i < nlanes; i++) {
+        lane_header *lane = lane_at(base, lane_bytes, i);
+        memset(lane, 0, LANE_HEADER);
+        lane->rank = -1;
+    }
+    atomic_thread_fence(memory_order_release);
+    hdr->magic = SEG_MAGIC;
+    PyBuffer_Release(&view);
+    Py_RETURN_NONE;
+}
+
+static PyObject *ring_segment_size(PyObject *mod, PyObject *args) {
+    unsigned long nlanes;
+    unsigned long long lane_bytes;
+    if (!PyArg_ParseTuple(args, "kK", &nlanes, &lane_bytes)) return NULL;
+    return PyLong_FromSsize_t(segment_size(nlanes, lane_bytes));
+}
+
+static int Segment_init(SegmentObject *self, PyObject *args, PyObject *kwds) {
+    PyObject *buf;
+    if (!PyArg_ParseTuple(args, "O", &buf)) return -1;
+    if (self->has_view) {
+        PyErr_SetString(PyExc_RuntimeError, "segment already initialised");
+        return -1;
+    }
+    if (PyObject_GetBuffer(buf, &self->view, PyBUF_WRITABLE) < 0) return -1;
+    self->has_view = 1;
+    self->base = self->view.buf;
+    self->hdr = (seg_header *)self->base;
+    if ((size_t)self->view.len < SEG_HEADER || self->hdr->magic != SEG_MAGIC ||
+        self->hdr->version != SEG_VERSION ||
+        self->view.len < segment_size(self->hdr->nlanes, self->hdr->lane_bytes)) {
+        PyBuffer_Release(&self->view);
+        self->has_view = 0;
+        PyErr_SetString(PyExc_ValueError, "not a safe_redirect segment of this version");
+        return -1;
+    }
+    return 0;
+}
+
+static void Segment_dealloc(SegmentObject *self) {
+    if (self->has_view) PyBuffer_Release(&self->view);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *Segment_release(SegmentObject *self, PyObject *unused) {
+    if (self->has_view) {
+        PyBuffer_Release(&self->view);
+        self->has_view = 0;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *Segment_claim(SegmentObject *self, PyObject *args) {
+    unsigned long long pid, start;
+    long long rank;
+    if (!PyArg_ParseTuple(args, "KKL", &pid, &start, &rank)) return NULL;
+    if (!segment_ready(self)) return NULL;
+    if (pid == 0) {
+        PyErr_SetString(PyExc_ValueError, "pid must not be 0");
+        return NULL;
+    }
+    for (uint32_t i = 0; i < self->hdr->nlanes; i++) {
+        lane_header *lane = lane_at(self->base, self->hdr->lane_bytes, i);
+        uint64_t expected = 0;
+        if (atomic_load_explicit(&lane->owner_pid, memory_order_relaxed) != 0) continue;
+        if (atomic_compare_exchange_strong(&lane->owner_pid, &expected, pid)) {
+            lane->rank = rank;
+            lane->owner_start = start;
+            atomic_store_explicit(&lane->state, LANE_ACTIVE, memory_order_release);
+            return PyLong_FromUnsignedLong(i);
+        }
+    }
+    atomic_fetch_add(&self->hdr->lane_misses, 1);
+    return PyLong_FromLong(-1);
+}
+
+static PyObject *Segment_busy_lanes(SegmentObject *self, PyObject *unused) {
+    if (!segment_ready(self)) return NULL;
+    PyObject *out = PyList_New(0);
+    if (!out) return NULL;
+    for (uint32_t i = 0; i < self->hdr->nlanes; i++) {
+        lane_header *lane = lane_at(self->base, self->hdr->lane_bytes, i);
+        if (atomic_load_explicit(&lane->owner_pid, memory_order_acquire) == 0) continue;
+        PyObject *n = PyLong_FromUnsignedLong(i);
+        if (!n || PyList_Append(out, n) < 0) {
+            Py_XDECREF(n);
+            Py_DECREF(out);
+            return NULL;
+        }
+        Py_DECREF(n);
+    }
+    return out;
+}
+
+static PyObject *Segment_lane_info(SegmentObject *self, PyObject *arg) {
+    long i = PyLong_AsLong(arg);
+    if (i == -1 && PyErr_Occurred()) return NULL;
+    lane_header *lane = segment_lane(self, i);
+    if (!lane) return NULL;
+    uint64_t pid = atomic_load_explicit(&lane->owner_pid, memory_order_acquire);
+    uint32_t state = atomic_load_explicit(&lane->state, memory_order_acquire);
+    return Py_BuildValue(
+        "(KIKLKKKKKKK)", (unsigned long long)pid, (unsigned)state,
+        (unsigned long long)lane->owner_start, (long long)lane->rank,
+        (unsigned long long)atomic_load(&lane->head), (unsigned long long)atomic_load(&lane->tail),
+        (unsigned long long)atomic_load(&lane->records), (unsigned long long)atomic_load(&lane->bytes),
+        (unsigned long long)atomic_load(&lane->spilled_records),
+        (unsigned long long)atomic_load(&lane->spilled_bytes),
+        (unsigned long long)atomic_load(&lane->stalls));
+}
+
+/* Reads the record header at `pos`; 0 if it is not a sane record below `tail`. */
+static int read_record_header(const char *data, uint64_t cap, uint64_t pos, uint64_t tail,
+                              uint32_t *len, unsigned *stream, unsigned *flags, uint64_t *t_ns,
+                              uint64_t *size) {
+    unsigned char hdr[REC_HEADER];
+    ring_copy_out(data, cap, pos, (char *)hdr, REC_HEADER);
+    memcpy(len, hdr, 4);
+    *stream = hdr[4];
+    *flags = hdr[5];
+    memcpy(t_ns, hdr + 8, 8);
+    *size = align8(REC_HEADER + (uint64_t)*len);
+    /* Cannot fail with a well-behaved producer: tail is published after the whole record. */
+    return (uint64_t)*len <= cap / 2 && *size <= tail - pos;
+}
+
+/* Consumer side: take the published records of a lane (about `max_bytes` of them at most) as
+ * [(stream, flags, time_ns, payload)]. Consecutive data records of one stream come back joined,
+ * with the time of the first: the reader rebuilds lines from bytes, not from records, and one
+ * Python object per batch instead of per write is what keeps the drain ahead of its writers. */
+static PyObject *Segment_read(SegmentObject *self, PyObject *args) {
+    long i;
+    Py_ssize_t max_bytes;
+    if (!PyArg_ParseTuple(args, "ln", &i, &max_bytes)) return NULL;
+    lane_header *lane = segment_lane(self, i);
+    if (!lane) return NULL;
+    uint64_t cap = self->hdr->lane_bytes;
+    const char *data = lane_data(lane);
+    uint64_t head = atomic_load_explicit(&lane->head, memory_order_relaxed);
+    uint64_t tail = atomic_load_explicit(&lane->tail, memory_order_acquire);
+    uint64_t start = head;
+    PyObject *out = PyList_New(0);
+    if (!out) return NULL;
+    while (head < tail && head - start < (uint64_t)max_bytes) {
+        uint32_t len;
+        unsigned stream, flags;
+        uint64_t t_first, size;
+        if (!read_record_header(data, cap, head, tail, &len, &stream, &flags, &t_first, &size))
+            goto corrupt;
+        /* the run of data records of this stream that starts at head */
+        uint64_t end = head, total = 0;
+        if (flags & FLAG_FLUSH) {
+            end = head + size;
+        } else {
+            while (end < tail && end - start < (uint64_t)max_bytes) {
+                uint32_t l;
+                unsigned st, fl;
+                uint64_t t, sz;
+                if (!read_record_header(data, cap, end, tail, &l, &st, &fl, &t, &sz)) goto corrupt;
+                if (st != stream || (fl & FLAG_FLUSH)) break;
+                total += l;
+                end += sz;
+            }
+        }
+        PyObject *payload = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)total);
+        if (!payload) goto fail;
+        char *dst = PyBytes_AS_STRING(payload);
+        for (uint64_t pos = head; pos < end && total;) {
+            uint32_t l;
+            unsigned st, fl;
+            uint64_t t, sz;
+            read_record_header(data, cap, pos, tail, &l, &st, &fl, &t, &sz);
+            ring_copy_out(data, cap, pos + REC_HEADER, dst, l);
+            dst += l;
+            pos += sz;
+        }
+        PyObject *rec = Py_BuildValue("(iiKN)", (int)stream, (int)(flags & FLAG_FLUSH),
+                                      (unsigned long long)t_first, payload);
+        if (!rec || PyList_Append(out, rec) < 0) {
+            Py_XDECREF(rec);
+            goto fail;
+        }
+        Py_DECREF(rec);
+        head = end;
+    }
+    atomic_store_explicit(&lane->head, head, memory_order_release);
+    return out;
+corrupt:
+    atomic_store_explicit(&lane->head, tail, memory_order_release);
+    Py_DECREF(out);
+    PyErr_Format(PyExc_RuntimeError, "corrupt record in lane %ld at %llu", i,
+                 (unsigned long long)head);
+    return NULL;
+fail:
+    atomic_store_explicit(&lane->head, head, memory_order_release);
+    Py_DECREF(out);
+    return NULL;
+}
+
+/* Consumer side: return a lane whose producer is gone (closed or dead) to the free pool. */
+static PyObject *Segment_free(SegmentObject *self, PyObject *arg) {
+    long i = PyLong_AsLong(arg);
+    if (i == -1 && PyErr_Occurred()) return NULL;
+    lane_header *lane = segment_lane(self, i);
+    if (!lane) return NULL;
+    atomic_store(&lane->head, 0);
+    atomic_store(&lane->tail, 0);
+    atomic_store(&lane->records, 0);
+    atomic_store(&lane->bytes, 0);
+    atomic_store(&lane->spilled_records, 0);
+    atomic_store(&lane->spilled_bytes, 0);
+    atomic_store(&lane->stalls, 0);
+    lane->rank = -1;
+    lane->owner_start = 0;
+    atomic_store(&lane->state, LANE_FREE);
+    atomic_store_explicit(&lane->owner_pid, 0, memory_order_release);
+    Py_RETURN_NONE;
+}
+
+static int segment_has_data(SegmentObject *self) {
+    for (uint32_t i = 0; i < self->hdr->nlanes; i++) {
+        lane_header *lane = lane_at(self->base, self->hdr->lane_bytes, i);
+        if (atomic_load_explicit(&lane->tail, memory_order_acquire) !=
+            atomic_load_explicit(&lane->head, memory_order_relaxed))
+            return 1;
+    }
+    return 0;
+}
+
+/* Consumer side: sleep until a producer publishes, wake() is called, or `timeout` seconds pass.
+ * Returns True when data was already waiting. Releases the GIL while it sleeps. */
+static PyObject *Segment_wait(SegmentObject *self, PyObject *arg) {
+    double timeout = PyFloat_AsDouble(arg);
+    if (timeout == -1.0 && PyErr_Occurred()) return NULL;
+    if (!segment_ready(self)) return NULL;
+    seg_header *hdr = self->hdr;
+    uint32_t seq = atomic_load(&hdr->bell);
+    atomic_store(&hdr->sleeping, 1u);
+    atomic_thread_fence(memory_order_seq_cst);
+    if (segment_has_data(self)) {
+        atomic_store(&hdr->sleeping, 0u);
+        Py_RETURN_TRUE;
+    }
+    if (timeout > 0) {
+        struct timespec ts;
+        ts.tv_sec = (time_t)timeout;
+        ts.tv_nsec = (long)((timeout - (double)ts.tv_sec) * 1e9);
+        Py_BEGIN_ALLOW_THREADS
+#ifdef __linux__
+        syscall(SYS_futex, (uint32_t *)&hdr->bell, FUTEX_WAIT, seq, &ts, NULL, 0);
+#else
+        (void)seq;
+        nanosleep(&ts, NULL); /* no futex: plain polling, bounded by the timeout */
+#endif
+        Py_END_ALLOW_THREADS
+    }
+    atomic_store(&hdr->sleeping, 0u);
+    Py_RETURN_FALSE;
+}
+
+static PyObject *Segment_wake(SegmentObject *self, PyObject *unused) {
+    if (!segment_ready(self)) return NULL;
+    ring_bell(self->hdr);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Segment_mark_closed(SegmentObject *self, PyObject *unused) {
+    if (!segment_ready(self)) return NULL;
+    atomic_store(&self->hdr->closed, 1u);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Segment_producer(SegmentObject *self, PyObject *arg);
+
+#define SEG_GETTER(name, expr)                                                     \
+    static PyObject *Segment_get_##name(SegmentObject *self, void *closure) {    \
+        if (!segment_ready(self)) return NULL;                                     \
+        return PyLong_FromUnsignedLongLong((unsigned long long)(expr));           \
+    }
+SEG_GETTER(nlanes, self->hdr->nlanes)
+SEG_GETTER(lane_bytes, self->hdr->lane_bytes)
+SEG_GETTER(master_pid, self->hdr->master_pid)
+SEG_GETTER(master_start, self->hdr->master_start)
+SEG_GETTER(closed, atomic_load(&self->hdr->closed))
+SEG_GETTER(lane_misses, atomic_load(&self->hdr->lane_misses))
+
+static PyObject *Segment_get_released(SegmentObject *self, void *closure) {
+    return PyBool_FromLong(!self->has_view);
+}
+
+static PyGetSetDef Segment_getset[] = {
+    {"nlanes", (getter)Segment_get_nlanes, NULL, NULL, NULL},
+    {"lane_bytes", (getter)Segment_get_lane_bytes, NULL, NULL, NULL},
+    {"master_pid", (getter)Segment_get_master_pid, NULL, NULL, NULL},
+    {"master_start", (getter)Segment_get_master_start, NULL, NULL, NULL},
+    {"closed", (getter)Segment_get_closed, NULL, NULL, NULL},
+    {"lane_misses", (getter)Segment_get_lane_misses, NULL, NULL, NULL},
+    {"released", (getter)Segment_get_released, NULL, NULL, NULL},
+    {NULL},
+};
+
+static PyMethodDef Segment_methods[] = {
+    {"claim", (PyCFunction)Segment_claim, METH_VARARGS, "claim(pid, start_us, rank) -> lane or -1"},
+    {"producer", (PyCFunction)Segment_producer, METH_O, "producer(lane) -> Producer"},
+    {"busy_lanes", (PyCFunction)Segment_busy_lanes, METH_NOARGS, "lanes that have an owner"},
+    {"lane_info", (PyCFunction)Segment_lane_info, METH_O,
+     "(owner_pid, state, owner_start, rank, head, tail, records, bytes, spilled_records, "
+     "spilled_bytes, stalls)"},
+    {"read", (PyCFunction)Segment_read, METH_VARARGS,
+     "read(lane, max_bytes) -> [(stream, flags, time_ns, payload)]"},
+    {"free", (PyCFunction)Segment_free, METH_O, "free(lane): consumer returns a dead lane"},
+    {"wait", (PyCFunction)Segment_wait, METH_O, "wait(timeout) -> bool: sleep until data"},
+    {"wake", (PyCFunction)Segment_wake, METH_NOARGS, "wake the consumer"},
+    {"mark_closed", (PyCFunction)Segment_mark_closed, METH_NOARGS,
+     "tell every producer that the master is gone"},
+    {"release", (PyCFunction)Segment_release, METH_NOARGS, "drop the buffer"},
+    {NULL},
+};
+
+static PyTypeObject Segment_Type = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "safe_redirect._ring.Segment",
+    .tp_basicsize = sizeof(SegmentObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Segment(buffer): a formatted segment in a writable buffer (an mmap).",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Segment_init,
+    .tp_dealloc = (destructor)Segment_dealloc,
+    .tp_methods = Segment_methods,
+    .tp_getset = Segment_getset,
+};
+
+/* ---------------------------------------------------------------- Producer */
+
+typedef struct {
+    PyObject_HEAD
+    SegmentObject *segment;
+    lane_header *lane;
+    long index;
+    uint64_t generation; /* fork generation of the process that claimed the lane */
+    int detached;        /* the lane is closed or the segment is gone: capture nothing more */
+    unsigned dirty;      /* bit per stream: data appended since the last flush marker */
+} ProducerObject;
+
+static PyObject *Segment_producer(SegmentObject *self, PyObject *arg) {
+    long i = PyLong_AsLong(arg);
+    if (i == -1 && PyErr_Occurred()) return NULL;
+    lane_header *lane = segment_lane(self, i);
+    if (!lane) return NULL;
+    ProducerObject *p = PyObject_New(ProducerObject, &Producer_Type);
+    if (!p) return NULL;
+    Py_INCREF(self);
+    p->segment = self;
+    p->lane = lane;
+    p->index = i;
+    p->generation = atomic_load(&fork_generation);
+    p->detached = 0;
+    p->dirty = 0;
+    return (PyObject *)p;
+}
+
+static void Producer_dealloc(ProducerObject *self) {
+    Py_XDECREF(self->segment);
+    PyObject_Free(self);
+}
+
+static int producer_live(ProducerObject *p) {
+    return !p->detached && p->segment->has_view;
+}
+
+/* Returns bytes published, or -1 when the producer is detached. */
+static int64_t producer_append(ProducerObject *p, unsigned stream, unsigned flags, const char *buf,
+                               uint64_t len) {
+    if (!producer_live(p)) return -1;
+    int64_t n = ring_append(p->segment->hdr, p->lane, stream, flags, buf, len);
+    if (n < 0) {
+        p->detached = 1;
+    } else if (n > 0 || len == 0) {
+        if (flags & FLAG_FLUSH)
+            p->dirty &= ~(1u << stream);
+        else
+            p->dirty |= 1u << stream;
+    }
+    return n;
+}
+
+static PyObject *Producer_append(ProducerObject *self, PyObject *args) {
+    unsigned int stream, flags;
+    Py_buffer data;
+    if (!PyArg_ParseTuple(args, "IIy*", &stream, &flags, &data)) return NULL;
+    if (stream > 7) {
+        PyBuffer_Release(&data);
+        PyErr_SetString(PyExc_ValueError, "stream must be 0..7");
+        return NULL;
+    }
+    int64_t n = producer_append(self, stream, flags, data.buf, (uint64_t)data.len);
+    PyBuffer_Release(&data);
+    return PyLong_FromLongLong(n);
+}
+
+static PyObject *Producer_count(ProducerObject *self, PyObject *args) {
+    unsigned long long spilled_records, spilled_bytes, stalls;
+    if (!PyArg_ParseTuple(args, "KKK", &spilled_records, &spilled_bytes, &stalls)) return NULL;
+    if (!self->segment->has_view) Py_RETURN_NONE;
+    atomic_fetch_add(&self->lane->spilled_records, spilled_records);
+    atomic_fetch_add(&self->lane->spilled_bytes, spilled_bytes);
+    atomic_fetch_add(&self->lane->stalls, stalls);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Producer_close(ProducerObject *self, PyObject *unused) {
+    if (producer_live(self)) atomic_store(&self->lane->state, LANE_CLOSED);
+    if (self->segment->has_view) ring_bell(self->segment->hdr);
+    self->detached = 1;
+    Py_RETURN_NONE;
+}
+
+static PyObject *Producer_head(ProducerObject *self, void *closure) {
+    if (!self->segment->has_view) return PyLong_FromLong(0);
+    return PyLong_FromUnsignedLongLong(atomic_load(&self->lane->head));
+}
+
+static PyObject *Producer_get_live(ProducerObject *self, void *closure) {
+    return PyBool_FromLong(producer_live(self));
+}
+
+static PyObject *Producer_get_generation(ProducerObject *self, void *closure) {
+    return PyLong_FromUnsignedLongLong(self->generation);
+}
+
+static PyObject *Producer_get_lane(ProducerObject *self, void *closure) {
+    return PyLong_FromLong(self->index);
+}
+
+static PyObject *Producer_get_segment(ProducerObject *self, void *closure) {
+    return Py_NewRef((PyObject *)self->segment);
+}
+
+static PyGetSetDef Producer_getset[] = {
+    {"lane", (getter)Producer_get_lane, NULL, NULL, NULL},
+    {"segment", (getter)Producer_get_segment, NULL, NULL, NULL},
+    {"generation", (getter)Producer_get_generation, NULL, NULL, NULL},
+    {"live", (getter)Producer_get_live, NULL, NULL, NULL},
+    {"head", (getter)Producer_head, NULL, "bytes the consumer has taken from this lane", NULL},
+    {NULL},
+};
+
+static PyMethodDef Producer_methods[] = {
+    {"append", (PyCFunction)Producer_append, METH_VARARGS,
+     "append(stream, flags, data) -> bytes published (< len: lane full; -1: detached)"},
+    {"count", (PyCFunction)Producer_count, METH_VARARGS,
+     "count(spilled_records, spilled_bytes, stalls): add to the lane's counters"},
+    {"close", (PyCFunction)Producer_close, METH_NOARGS,
+     "mark the lane closed: the consumer drains it, then frees it"},
+    {NULL},
+};
+
+static PyTypeObject Producer_Type = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "safe_redirect._ring.Producer",
+    .tp_basicsize = sizeof(ProducerObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "The writing end of one lane, made by Segment.producer().",
+    .tp_dealloc = (destructor)Producer_dealloc,
+    .tp_methods = Producer_methods,
+    .tp_getset = Producer_getset,
+};
+
+/* ---------------------------------------------------------------- Hook */
+
+/* A callable that stands in for a stream's `write` (text or bytes) or `flush`: it calls the
+ * writer it replaced, then copies what was written into the producer's lane. Everything that is
+ * not the common case (a fork since the producer was made, a full lane) is handed to Python. */
+typedef struct {
+    PyObject_HEAD
+    vectorcallfunc vectorcall;
+    PyObject *target;   /* the writer it stands in for */
+    PyObject *producer; /* ProducerObject or None: None = pass through only */
+    PyObject *on_fork;  /* on_fork(hook): give the hook a producer of this process, or None */
+    PyObject *on_full;  /* on_full(hook, stream, remaining: bytes): wait, retry, or spill */
+    unsigned long skip_thread; /* writes from this thread (the drain thread) are not captured */
+    int stream;
+    int kind;
+} HookObject;
+
+static void report_unraisable(PyObject *hook, const char *what) {
+    /* The user's write already happened; a failure of ours must not become theirs. */
+    PyObject *msg = PyUnicode_FromString(what);
+    PyErr_WriteUnraisable(msg ? msg : hook);
+    Py_XDECREF(msg);
+}
+
+/* The first write of a new process: let Python re-aim the hook (plain writer, own lane) before
+ * anything of the parent's is called. */
+static void hook_check_fork(HookObject *self) {
+    if (self->producer == Py_None) return;
+    ProducerObject *p = (ProducerObject *)self->producer;
+    if (p->generation == atomic_load_explicit(&fork_generation, memory_order_relaxed)) return;
+    PyObject *r = PyObject_CallOneArg(self->on_fork, (PyObject *)self);
+    if (!r)
+        report_unraisable((PyObject *)self, "safe_redirect: attaching a forked child failed");
+    Py_XDECREF(r);
+}
+
+static int hook_capture(HookObject *self, const char *buf, uint64_t len, unsigned flags) {
+    if (self->producer == Py_None) return 0;
+    if (self->skip_thread && PyThread_get_thread_ident() == self->skip_thread) return 0;
+    ProducerObject *p = (ProducerObject *)self->producer;
+    if (p->generation != atomic_load_explicit(&fork_generation, memory_order_relaxed))
+        return 0; /* never write into a lane of another process */
+    if ((flags & FLAG_FLUSH) && !(p->dirty & (1u << self->stream))) return 0;
+    int64_t n = producer_append(p, (unsigned)self->stream, flags, buf, len);
+    if (n < 0 || (uint64_t)n == len) return 0;
+    PyObject *rest = PyBytes_FromStringAndSize(buf + n, (Py_ssize_t)(len - (uint64_t)n));
+    if (!rest) return -1;
+    PyObject *r = PyObject_CallFunction(self->on_full, "OiN", (PyObject *)self, self->stream, rest);
+    if (!r) {
+        report_unraisable((PyObject *)self, "safe_redirect: handling a full lane failed");
+        return 0;
+    }
+    Py_DECREF(r);
+    return 0;
+}
+
+static PyObject *hook_vectorcall(PyObject *op, PyObject *const *args, size_t nargsf,
+                                 PyObject *kwnames) {
+    HookObject *self = (HookObject *)op;
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    PyObject *result;
+    hook_check_fork(self);
+    if (self->kind == KIND_BYTES && text_depth > 0) {
+        /* TextIOWrapper flushing text we already captured at the text layer. */
+        return PyObject_Vectorcall(self->target, args, nargsf, kwnames);
+    }
+    if (self->kind != KIND_BYTES) text_depth++;
+    result = PyObject_Vectorcall(self->target, args, nargsf, kwnames);
+    if (self->kind != KIND_BYTES) text_depth--;
+    if (!result || self->producer == Py_None) return result;
+
+    int ok = 0;
+    if (self->kind == KIND_FLUSH) {
+        ok = hook_capture(self, "", 0, FLAG_FLUSH);
+    } else if (nargs == 1 && kwnames == NULL) {
+        PyObject *data = args[0];
+        if (PyUnicode_Check(data)) {
+            Py_ssize_t size;
+            const char *utf8 = PyUnicode_AsUTF8AndSize(data, &size);
+            if (utf8) {
+                if (size) ok = hook_capture(self, utf8, (uint64_t)size, 0);
+            } else {
+                /* Lone surrogates: keep them visible rather than lose the write. */
+                PyErr_Clear();
+                PyObject *b = PyUnicode_AsEncodedString(data, "utf-8", "backslashreplace");
+                if (b) {
+                    if (PyBytes_GET_SIZE(b))
+                        ok = hook_capture(self, PyBytes_AS_STRING(b),
+                                          (uint64_t)PyBytes_GET_SIZE(b), 0);
+                    Py_DECREF(b);
+                } else {
+                    ok = -1;
+                }
+            }
+        } else if (PyObject_CheckBuffer(data)) {
+            Py_buffer view;
+            if (PyObject_GetBuffer(data, &view, PyBUF_SIMPLE) == 0) {
+                if (view.len) ok = hook_capture(self, view.buf, (uint64_t)view.len, 0);
+                PyBuffer_Release(&view);
+            } else {
+                PyErr_Clear(); /* not contiguous: the target accepted it, we let it pass */
+            }
+        }
+    }
+    if (ok < 0) report_unraisable(op, "safe_redirect: capturing a write failed");
+    return result;
+}
+
+static int Hook_init(HookObject *self, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"target", "producer", "stream", "kind", "on_fork", "on_full", NULL};
+    PyObject *target, *producer, *on_fork, *on_full;
+    int stream, kind;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOiiOO", kwlist, &target, &producer, &stream,
+                                     &kind, &on_fork, &on_full))
+        return -1;
+    if (producer != Py_None && !PyObject_TypeCheck(producer, &Producer_Type)) {
+        PyErr_SetString(PyExc_TypeError, "producer must be a Producer or None");
+        return -1;
+    }
+    if (stream < 0 || stream > 7 || kind < KIND_TEXT || kind > KIND_FLUSH) {
+        PyErr_SetString(PyExc_ValueError, "stream must be 0..7 and kind 0..2");
+        return -1;
+    }
+    Py_XSETREF(self->target, Py_NewRef(target));
+    Py_XSETREF(self->producer, Py_NewRef(producer));
+    Py_XSETREF(self->on_fork, Py_NewRef(on_fork));
+    Py_XSETREF(self->on_full, Py_NewRef(on_full));
+    self->stream = stream;
+    self->kind = kind;
+    self->skip_thread = 0;
+    self->vectorcall = hook_vectorcall;
+    return 0;
+}
+
+static int Hook_traverse(HookObject *self, visitproc visit, void *arg) {
+    Py_VISIT(self->target);
+    Py_VISIT(self->producer);
+    Py_VISIT(self->on_fork);
+    Py_VISIT(self->on_full);
+    return 0;
+}
+
+static int Hook_clear(HookObject *self) {
+    Py_CLEAR(self->target);
+    Py_CLEAR(self->producer);
+    Py_CLEAR(self->on_fork);
+    Py_CLEAR(self->on_full);
+    return 0;
+}
+
+static void Hook_dealloc(HookObject *self) {
+    PyObject_GC_UnTrack(self);
+    Hook_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *Hook_get_target(HookObject *self, void *c) { return Py_NewRef(self->target); }
+static int Hook_set_target(HookObject *self, PyObject *v, void *c) {
+    if (!v || !PyCallable_Check(v)) {
+        PyErr_SetString(PyExc_TypeError, "target must be callable");
+        return -1;
+    }
+    Py_XSETREF(self->target, Py_NewRef(v));
+    return 0;
+}
+static PyObject *Hook_get_producer(HookObject *self, void *c) { return Py_NewRef(self->producer); }
+static int Hook_set_producer(HookObject *self, PyObject *v, void *c) {
+    if (!v || (v != Py_None && !PyObject_TypeCheck(v, &Producer_Type))) {
+        PyErr_SetString(PyExc_TypeError, "producer must be a Producer or None");
+        return -1;
+    }
+    Py_XSETREF(self->producer, Py_NewRef(v));
+    return 0;
+}
+static PyObject *Hook_get_skip_thread(HookObject *self, void *c) {
+    return PyLong_FromUnsignedLong(self->skip_thread);
+}
+static int Hook_set_skip_thread(HookObject *self, PyObject *v, void *c) {
+    unsigned long t = v ? PyLong_AsUnsignedLong(v) : 0;
+    if (t == (unsigned long)-1 && PyErr_Occurred()) return -1;
+    self->skip_thread = t;
+    return 0;
+}
+static PyObject *Hook_get_stream(HookObject *self, void *c) { return PyLong_FromLong(self->stream); }
+static PyObject *Hook_get_kind(HookObject *self, void *c) { return PyLong_FromLong(self->kind); }
+
+static PyGetSetDef Hook_getset[] = {
+    {"target", (getter)Hook_get_target, (setter)Hook_set_target, "the writer it stands in for", NULL},
+    {"producer", (getter)Hook_get_producer, (setter)Hook_set_producer, "Producer or None", NULL},
+    {"skip_thread", (getter)Hook_get_skip_thread, (setter)Hook_set_skip_thread,
+     "ident of a thread whose writes are not captured (0: none)", NULL},
+    {"stream", (getter)Hook_get_stream, NULL, NULL, NULL},
+    {"kind", (getter)Hook_get_kind, NULL, NULL, NULL},
+    {NULL},
+};
+
+static PyTypeObject Hook_Type = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "safe_redirect._ring.Hook",
+    .tp_basicsize = sizeof(HookObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_doc = "Hook(target, producer, stream, kind, on_fork, on_full): a capturing writer.",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Hook_init,
+    .tp_dealloc = (destructor)Hook_dealloc,
+    .tp_traverse = (traverseproc)Hook_traverse,
+    .tp_clear = (inquiry)Hook_clear,
+    .tp_call = PyVectorcall_Call,
+    .tp_vectorcall_offset = offsetof(HookObject, vectorcall),
+    .tp_getset = Hook_getset,
+};
+
+/* ---------------------------------------------------------------- module */
+
+static PyObject *ring_fork_generation(PyObject *mod, PyObject *unused) {
+    return PyLong_FromUnsignedLongLong(atomic_load(&fork_generation));
+}
+
+static PyMethodDef module_methods[] = {
+    {"format", ring_format, METH_VARARGS,
+     "format(buffer, nlanes, lane_bytes, master_pid, master_start_us): lay out a new segment"},
+    {"segment_size", ring_segment_size, METH_VARARGS, "segment_size(nlanes, lane_bytes) -> bytes"},
+    {"fork_generation", ring_fork_generation, METH_NOARGS,
+     "how many forks lie between this process and the one that loaded the module"},
+    {NULL},
+};
+
+static struct PyModuleDef ring_module = {
+    PyModuleDef_HEAD_INIT, "safe_redirect._ring",
+    "Lock-free shared-memory lanes and the capturing write hook (see the layout in _ring.c).", -1,
+    module_methods,
+};
+
+static int fork_handler_registered = 0;
+
+PyMODINIT_FUNC PyInit__ring(void) {
+    if (PyType_Ready(&Segment_Type) < 0 || PyType_Ready(&Producer_Type) < 0 ||
+        PyType_Ready(&Hook_Type) < 0)
+        return NULL;
+    PyObject *m = PyModule_Create(&ring_module);
+    if (!m) return NULL;
+    if (PyModule_AddType(m, &Segment_Type) < 0 || PyModule_AddType(m, &Producer_Type) < 0 ||
+        PyModule_AddType(m, &Hook_Type) < 0)
+        goto fail;
+    if (PyModule_AddIntConstant(m, "SEG_HEADER", SEG_HEADER) < 0 ||
+        PyModule_AddIntConstant(m, "LANE_HEADER", LANE_HEADER) < 0 ||
+        PyModule_AddIntConstant(m, "REC_HEADER", REC_HEADER) < 0 ||
+        PyModule_AddIntConstant(m, "LANE_FREE", LANE_FREE) < 0 ||
+        PyModule_AddIntConstant(m, "LANE_ACTIVE", LANE_ACTIVE) < 0 ||
+        PyModule_AddIntConstant(m, "LANE_CLOSED", LANE_CLOSED) < 0 ||
+        PyModule_AddIntConstant(m, "FLAG_CONT", FLAG_CONT) < 0 ||
+        PyModule_AddIntConstant(m, "FLAG_FLUSH", FLAG_FLUSH) < 0 ||
+        PyModule_AddIntConstant(m, "KIND_TEXT", KIND_TEXT) < 0 ||
+        PyModule_AddIntConstant(m, "KIND_BYTES", KIND_BYTES) < 0 ||
+        PyModule_AddIntConstant(m, "KIND_FLUSH", KIND_FLUSH) < 0)
+        goto fail;
+    if (!fork_handler_registered) {
+        if (pthread_atfork(NULL, NULL, after_fork_in_child) != 0) {
+            PyErr_SetString(PyExc_OSError, "pthread_atfork failed");
+            goto fail;
+        }
+        fork_handler_registered = 1;
+    }
+    return m;
+fail:
+    Py_DECREF(m);
+    return NULL;
+}

@@ -1,0 +1,68 @@
+from collections.abc import Callable
+
+SEG_HEADER: int
+LANE_HEADER: int
+REC_HEADER: int
+LANE_FREE: int
+LANE_ACTIVE: int
+LANE_CLOSED: int
+FLAG_CONT: int
+FLAG_FLUSH: int
+KIND_TEXT: int
+KIND_BYTES: int
+KIND_FLUSH: int
+
+def format(
+    buffer: object, nlanes: int, lane_bytes: int, master_pid: int, master_start: int, /
+) -> None: ...
+def segment_size(nlanes: int, lane_bytes: int, /) -> int: ...
+def fork_generation() -> int: ...
+
+class Segment:
+    nlanes: int
+    lane_bytes: int
+    master_pid: int
+    master_start: int
+    closed: int
+    lane_misses: int
+    released: bool
+    def __init__(self, buffer: object, /) -> None: ...
+    def claim(self, pid: int, start_us: int, rank: int, /) -> int: ...
+    def producer(self, lane: int, /) -> Producer: ...
+    def busy_lanes(self) -> list[int]: ...
+    def lane_info(
+        self, lane: int, /
+    ) -> tuple[int, int, int, int, int, int, int, int, int, int, int]: ...
+    def read(self, lane: int, max_bytes: int, /) -> list[tuple[int, int, int, bytes]]: ...
+    def free(self, lane: int, /) -> None: ...
+    def wait(self, timeout: float, /) -> bool: ...
+    def wake(self) -> None: ...
+    def mark_closed(self) -> None: ...
+    def release(self) -> None: ...
+
+class Producer:
+    lane: int
+    segment: Segment
+    generation: int
+    live: bool
+    head: int
+    def append(self, stream: int, flags: int, data: bytes | bytearray | memoryview, /) -> int: ...
+    def count(self, spilled_records: int, spilled_bytes: int, stalls: int, /) -> None: ...
+    def close(self) -> None: ...
+
+class Hook:
+    target: Callable[..., object]
+    producer: Producer | None
+    skip_thread: int
+    stream: int
+    kind: int
+    def __init__(
+        self,
+        target: Callable[..., object],
+        producer: Producer | None,
+        stream: int,
+        kind: int,
+        on_fork: Callable[[Hook], object],
+        on_full: Callable[[Hook, int, bytes], object],
+    ) -> None: ...
+    def __call__(self, *args: object, **kwargs: object) -> object: ...

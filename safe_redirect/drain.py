@@ -1,0 +1,306 @@
+"""The master's reader: one thread empties the lanes, rebuilds lines and hands them to the callback.
+
+Callbacks run here and only here, never on a writer's thread: a `print` costs a copy into shared
+memory, a slow or failing callback cannot stall or break a writer, and all processes meet at one
+ordering point. Lines are rebuilt per lane and per stream: partial writes wait for their newline
+(or `\\r`, or a flush, or the writer's exit), UTF-8 split across writes is joined by an incremental
+decoder, and invalid bytes become U+FFFD instead of an exception.
+"""
+
+from __future__ import annotations
+
+import codecs
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from safe_redirect import _ring
+from safe_redirect.ring import STREAMS, Ring
+from safe_redirect.stamp import Stamp
+
+__all__ = ["Drain", "LaneReader", "Record"]
+
+# A partial line longer than this is delivered as it is rather than held without bound.
+MAX_PARTIAL_CHARS = 1 << 20
+
+
+@dataclass(frozen=True)
+class Record:
+    """One or more whole lines that one process wrote to one stream, in the order written."""
+
+    stream: str  # "stdout" or "stderr"
+    text: str  # as written, without the tag
+    tag: str  # rendered tag of the writing process; "" for the master's own lines
+    pid: int
+    rank: int | None
+    time_ns: int  # wall clock (time.time_ns) of the write that began the first line
+
+    def tagged(self) -> str:
+        """The text with the tag in front of every line, as it should be shown or logged."""
+        if not self.tag:
+            return self.text
+        return "".join(self.tag + line for line in self.text.splitlines(keepends=True))
+
+
+def render_tag(template: str, rank: int | None, pid: int) -> str:
+    """`template` filled in with the rank; a process without a rank is tagged by its pid."""
+    if rank is None:
+        return f"[pid{pid}] "
+    return template.format(rank=rank, pid=pid)
+
+
+def _cut_point(text: str) -> int:
+    """Index just past the last line end in `text` (0 if none). A `\\r` at the very end waits:
+    the next write may begin with the `\\n` of a `\\r\\n`."""
+    end = len(text)
+    while True:
+        i = max(text.rfind("\n", 0, end), text.rfind("\r", 0, end))
+        if i < 0:
+            return 0
+        if text[i] == "\r" and i == len(text) - 1:
+            end = i
+            continue
+        return i + 1
+
+
+class _StreamState:
+    __slots__ = ("decoder", "partial", "partial_time")
+
+    def __init__(self) -> None:
+        self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        self.partial = ""
+        self.partial_time = 0
+
+
+class LaneReader:
+    """Rebuilds the lines of one lane's owner from its records."""
+
+    def __init__(self, pid: int, start_us: int, rank: int | None, tag: str) -> None:
+        self.owner = Stamp(pid, start_us)
+        self.rank = rank
+        self.tag = tag
+        self._streams: dict[int, _StreamState] = {}
+
+    def _record(self, stream: int, text: str, time_ns: int) -> Record:
+        name = STREAMS[stream] if stream < len(STREAMS) else f"stream{stream}"
+        return Record(name, text, self.tag, self.owner.pid, self.rank, time_ns)
+
+    def feed(self, records: list[tuple[int, int, int, bytes]]) -> list[Record]:
+        """Whole lines found in `records`; consecutive lines of one stream share a Record."""
+        out: list[Record] = []
+
+        def emit(stream: int, text: str, time_ns: int) -> None:
+            record = self._record(stream, text, time_ns)
+            if out and out[-1].stream == record.stream:
+                last = out[-1]
+                record = Record(last.stream, last.text + text, last.tag, last.pid, last.rank,
+                                last.time_ns)
+                out[-1] = record
+            else:
+                out.append(record)
+
+        for stream, flags, time_ns, payload in records:
+            state = self._streams.get(stream)
+            if state is None:
+                state = self._streams[stream] = _StreamState()
+            if flags & _ring.FLAG_FLUSH:
+                text = state.partial + state.decoder.decode(b"", final=True)
+                if text:
+                    emit(stream, text, state.partial_time or time_ns)
+                state.partial = ""
+                continue
+            text = state.decoder.decode(payload)
+            if not text:
+                continue
+            if not state.partial:
+                state.partial_time = time_ns
+            pending = state.partial + text
+            cut = _cut_point(pending)
+            if cut:
+                emit(stream, pending[:cut], state.partial_time)
+                pending = pending[cut:]
+                state.partial_time = time_ns
+            if len(pending) > MAX_PARTIAL_CHARS:
+                emit(stream, pending, state.partial_time)
+                pending = ""
+            state.partial = pending
+        return out
+
+    def flush(self) -> list[Record]:
+        """Deliver partial lines too: the writer flushed, exited, or the master asked for all."""
+        out: list[Record] = []
+        for stream, state in sorted(self._streams.items()):
+            text = state.partial + state.decoder.decode(b"", final=True)
+            state.partial = ""
+            if text:
+                out.append(self._record(stream, text, state.partial_time))
+        return out
+
+
+class Drain:
+    """The drain thread of a master: `start()`, `sync(timeout)`, `stop(timeout)`.
+
+    `deliver(record)` is called on the drain thread only. `sync()` returns once every record that
+    was published before it was called has been delivered, partial lines included.
+    """
+
+    #: how often lanes of exited children are looked for, seconds
+    reap_interval = 0.2
+    #: how long the thread sleeps with the doorbell armed before it looks anyway, seconds
+    idle_poll = 0.1
+    #: after a pass that found data, how long to let more collect before the next pass, seconds
+    batch_pause = 0.0005
+
+    def __init__(self, ring: Ring, deliver: Callable[[Record], None], tag_template: str,
+                 master_lane: int) -> None:
+        self._ring = ring
+        self._segment = ring.segment
+        self._deliver = deliver
+        self._tag_template = tag_template
+        self._master_lane = master_lane
+        self._readers: dict[int, LaneReader] = {}
+        self._cond = threading.Condition()
+        self._requested = 0  # sync requests made
+        self._completed = 0  # sync requests served
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._lane_misses_seen = 0
+        # totals of lanes already freed, so that stats survive lane reuse
+        self.retired = {"records": 0, "bytes": 0, "spilled_records": 0, "spilled_bytes": 0,
+                        "stalls": 0}
+        self.lanes_reclaimed = 0
+        self.records_delivered = 0
+        self.errors = 0
+
+    @property
+    def thread_ident(self) -> int | None:
+        return self._thread.ident if self._thread else None
+
+    def start(self) -> int:
+        self._thread = threading.Thread(target=self._run, name="safe_redirect-drain", daemon=True)
+        self._thread.start()
+        assert self._thread.ident is not None
+        return self._thread.ident
+
+    def sync(self, timeout: float | None) -> bool:
+        """Deliver everything published so far, partial lines included. False on timeout."""
+        if self._thread is None or threading.get_ident() == self._thread.ident:
+            self._pass(final=True)
+            return True
+        with self._cond:
+            self._requested += 1
+            target = self._requested
+        self._segment.wake()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while self._completed < target and self._thread.is_alive():
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return False
+                self._cond.wait(remaining)
+            return self._completed >= target
+
+    def stop(self, timeout: float | None) -> bool:
+        """A final sync, then the thread ends. Idempotent."""
+        if self._thread is None:
+            return True
+        delivered = self.sync(timeout)
+        with self._cond:
+            self._stopping = True
+        self._segment.wake()
+        self._thread.join(timeout)
+        return delivered and not self._thread.is_alive()
+
+    # -- the thread
+
+    def _run(self) -> None:
+        next_reap = 0.0
+        while True:
+            with self._cond:
+                requested, stopping = self._requested, self._stopping
+            final = requested > self._completed
+            try:
+                now = time.monotonic()
+                if final or now >= next_reap or self._segment.lane_misses != self._lane_misses_seen:
+                    self._lane_misses_seen = self._segment.lane_misses
+                    self._reap()
+                    next_reap = now + self.reap_interval
+                found = self._pass(final)
+            except Exception as exc:  # a bug here must not kill capture for good
+                self.errors += 1
+                _report(f"safe_redirect: drain pass failed: {exc!r}")
+                found = False
+            if final:
+                with self._cond:
+                    self._completed = requested
+                    self._cond.notify_all()
+            if stopping:
+                return
+            if found:
+                time.sleep(self.batch_pause)
+            else:
+                self._segment.wait(self.idle_poll)
+
+    def _reader(self, lane: int) -> LaneReader | None:
+        reader = self._readers.get(lane)
+        if reader is not None:
+            return reader
+        info = self._ring.lane_info(lane)
+        if info.state == _ring.LANE_FREE:
+            return None  # being claimed right now
+        rank = None if info.rank < 0 else info.rank
+        tag = "" if lane == self._master_lane else render_tag(self._tag_template, rank,
+                                                              info.owner_pid)
+        reader = self._readers[lane] = LaneReader(info.owner_pid, info.owner_start_us, rank, tag)
+        return reader
+
+    def _pass(self, final: bool) -> bool:
+        """Read every lane once; True if anything was read."""
+        found = False
+        for lane in self._segment.busy_lanes():
+            reader = self._reader(lane)
+            if reader is None:
+                continue
+            records = self._segment.read(lane, 1 << 62)
+            if records:
+                found = True
+                self._hand_over(reader.feed(records))
+            if final:
+                self._hand_over(reader.flush())
+        return found
+
+    def _hand_over(self, records: list[Record]) -> None:
+        for record in records:
+            self.records_delivered += 1
+            self._deliver(record)
+
+    def _reap(self) -> None:
+        """Drain and free the lanes whose writers closed them or died."""
+        for lane in self._segment.busy_lanes():
+            if lane == self._master_lane:
+                continue
+            info = self._ring.lane_info(lane)
+            if info.state == _ring.LANE_ACTIVE:
+                if Stamp(info.owner_pid, info.owner_start_us).is_alive():
+                    continue
+            elif info.state == _ring.LANE_FREE:  # claimed but not yet set up
+                if Stamp(info.owner_pid, 0).pid_exists():
+                    continue
+            reader = self._reader(lane) or LaneReader(info.owner_pid, 0, None, "")
+            self._hand_over(reader.feed(self._segment.read(lane, 1 << 62)))
+            self._hand_over(reader.flush())
+            final = self._ring.lane_info(lane)
+            for key in self.retired:
+                self.retired[key] += getattr(final, key)
+            self._segment.free(lane)
+            self._readers.pop(lane, None)
+            self.lanes_reclaimed += 1
+
+
+def _report(message: str) -> None:
+    try:
+        os.write(2, (message + "\n").encode())
+    except OSError:
+        pass

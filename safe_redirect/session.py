@@ -1,0 +1,359 @@
+"""`install()`: a capture session that composes the stamp, the ring, the hooks and the drain.
+
+Roles of one Session object:
+- in the process that installed it (the master) it owns the segment and runs the drain thread;
+- in a forked child it is *inherited*: its hooks call the plain writers, write into a lane of the
+  child's own, and nothing of the master's (thread, locks, callbacks) is ever touched there.
+A fork is noticed by the fork handler (Python forks) or by the hooks' fork generation (any fork),
+and on the slow paths (`flush`, `uninstall`) by comparing pids.
+"""
+
+from __future__ import annotations
+
+import atexit
+import enum
+import os
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from safe_redirect import _ring
+from safe_redirect.drain import Drain, Record
+from safe_redirect.hooks import StreamHooks
+from safe_redirect.ring import Producer, Ring
+from safe_redirect.stamp import (
+    Stamp,
+    detect_rank,
+    fork_generation,
+    on_fork_in_child,
+    remove_fork_handler,
+)
+
+__all__ = ["OVERFLOW_POLICIES", "Session", "Stats", "install", "stats"]
+
+#: "block": a writer whose lane is full waits while the master keeps reading, and spills (writes to
+#: its terminal only, counted) once the master has read nothing for `stall_timeout` seconds or is
+#: dead. "spill": a writer never waits; what does not fit is spilled at once.
+OVERFLOW_POLICIES = ("block", "spill")
+
+OnOutput = Callable[[Record], object]
+
+
+class State(enum.Enum):
+    INSTALLED = "installed"  # the master, capturing
+    CHILD = "child"  # inherited by a forked child
+    UNINSTALLED = "uninstalled"
+
+
+@dataclass(frozen=True)
+class Stats:
+    """Counters of a session, as seen from the calling process."""
+
+    records: int = 0  # records written into lanes
+    bytes: int = 0  # payload bytes written into lanes
+    delivered: int = 0  # Records handed to on_output
+    lanes_in_use: int = 0
+    lanes_reclaimed: int = 0  # lanes of exited children drained and freed
+    spilled_records: int = 0  # writes (or parts) that went to the terminal only
+    spilled_bytes: int = 0
+    stalls: int = 0  # times a writer found its lane full
+    lane_misses: int = 0  # children that found no free lane
+    callback_errors: int = 0
+
+    def __str__(self) -> str:
+        return " ".join(f"{name}={value}" for name, value in vars(self).items())
+
+
+_sessions: list[Session] = []
+
+
+def _warn(message: str) -> None:
+    """Straight to fd 2: never captured, never re-entering a hook."""
+    try:
+        os.write(2, (message.rstrip("\n") + "\n").encode("utf-8", "backslashreplace"))
+    except OSError:
+        pass
+
+
+class Session:
+    """The handle `install()` returns: `flush()`, `uninstall()`, `stats()`, a context manager."""
+
+    def __init__(self, on_output: OnOutput | None = None, *, mode: str = "wrap",
+                 streams: Iterable[str] = ("stdout", "stderr"), tag: str = "[rank{rank}] ",
+                 lanes: int = 64, lane_bytes: int = 1 << 20, overflow: str = "block",
+                 stall_timeout: float = 2.0, exit_timeout: float = 2.0) -> None:
+        if mode != "wrap":
+            if mode == "fd":
+                raise NotImplementedError("mode='fd' (fd-level capture) is not available yet")
+            raise ValueError(f"mode must be 'wrap', not {mode!r}")
+        if overflow not in OVERFLOW_POLICIES:
+            raise ValueError(f"overflow must be one of {OVERFLOW_POLICIES}, not {overflow!r}")
+        tag.format(rank=0, pid=0)  # a bad template fails here, not on the drain thread
+        self._on_output = on_output
+        self._overflow = overflow
+        self._stall_timeout = stall_timeout
+        self._exit_timeout = exit_timeout
+        self._callback_errors = 0
+        self._stalled_head: int | None = None  # lane head when we last spilled for a stall
+        self._spill_reported = False
+        self._final_stats: Stats | None = None
+        self._attaching: dict[int, int] = {}  # fork generation -> thread attaching a lane
+
+        self._owner = Stamp.current()
+        self._rank = detect_rank()
+        self._ring = Ring.create(self._owner, lanes, lane_bytes)
+        try:
+            lane = self._ring.segment.claim(self._owner.pid, self._owner.start_us,
+                                            -1 if self._rank is None else self._rank)
+            self._producer: Producer | None = self._ring.segment.producer(lane)
+            self._hooks = StreamHooks(streams, self._on_fork, self._on_full)
+            self._drain: Drain | None = Drain(self._ring, self._deliver, tag, lane)
+            drain_ident = self._drain.start()
+            self._hooks.install(self._producer)
+            self._hooks.skip_thread(drain_ident)
+        except BaseException:
+            self._ring.close()
+            self._ring.unlink()
+            raise
+        self._child_generation = fork_generation()
+        self.state = State.INSTALLED
+        on_fork_in_child(self._after_fork)
+        atexit.register(self._at_exit)
+        _sessions.append(self)
+
+    def __repr__(self) -> str:
+        return (f"<safe_redirect.Session {self.state.value} owner={self._owner.pid} "
+                f"ring={self._ring.name}>")
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.uninstall()
+
+    # -- master side
+
+    def _deliver(self, record: Record) -> None:
+        if self._on_output is None:
+            return
+        try:
+            self._on_output(record)
+        except Exception:
+            self._callback_errors += 1
+            if self._callback_errors == 1:
+                _warn("safe_redirect: on_output raised (reported once; counted in "
+                      "stats().callback_errors):\n" + traceback.format_exc())
+
+    def flush(self, timeout: float | None = 5.0) -> bool:
+        """Deliver everything written so far by this process and live children, partial lines
+        included. Returns False if that took longer than `timeout`. In a child: nothing to do."""
+        if self._in_child():
+            return True
+        if self.state is not State.INSTALLED or self._drain is None:
+            return True
+        delivered = self._drain.sync(timeout)
+        if not delivered:
+            _warn(f"safe_redirect: flush timed out after {timeout} s")
+        return delivered
+
+    def uninstall(self, timeout: float | None = 5.0) -> None:
+        """Flush, restore the streams, release the segment. Idempotent; never blocks a child."""
+        if self.state is State.UNINSTALLED:
+            return
+        if self._in_child():
+            self._uninstall_in_child()
+            return
+        self._hooks.uninstall()
+        assert self._drain is not None
+        delivered = self._drain.stop(timeout)
+        self._ring.segment.mark_closed()  # children still writing detach at their next write
+        self._final_stats = self.stats()
+        self._finish()
+        if not delivered:
+            _warn(f"safe_redirect: final delivery timed out after {timeout} s")
+
+    def _finish(self) -> None:
+        self.state = State.UNINSTALLED
+        self._producer = None
+        self._ring.close()
+        self._ring.unlink()
+        remove_fork_handler(self._after_fork)
+        atexit.unregister(self._at_exit)
+        if self in _sessions:
+            _sessions.remove(self)
+
+    def _at_exit(self) -> None:
+        if self.state is State.INSTALLED and not self._in_child():
+            self._wait_for_children(time.monotonic() + self._exit_timeout)
+        self.uninstall(timeout=self._exit_timeout)
+
+    def _wait_for_children(self, deadline: float) -> None:
+        """At exit, give children that are still writing a bounded time to finish."""
+        master_lane = self._producer.lane if self._producer else -1
+        while time.monotonic() < deadline:
+            if not any(lane != master_lane for lane in self._ring.segment.busy_lanes()):
+                return
+            time.sleep(0.01)
+
+    def stats(self) -> Stats:
+        """Counters so far; after uninstall(), the totals it ended with."""
+        if self.state is State.UNINSTALLED:
+            return self._final_stats or Stats()
+        seg = self._ring.segment
+        totals = dict.fromkeys(("records", "bytes", "spilled_records", "spilled_bytes",
+                                "stalls"), 0)
+        busy = seg.busy_lanes()
+        for lane in busy:
+            info = self._ring.lane_info(lane)
+            for key in totals:
+                totals[key] += getattr(info, key)
+        drain = self._drain
+        if drain is not None:
+            for key in totals:
+                totals[key] += drain.retired[key]
+        return Stats(delivered=drain.records_delivered if drain else 0,
+                     lanes_in_use=len(busy),
+                     lanes_reclaimed=drain.lanes_reclaimed if drain else 0,
+                     lane_misses=seg.lane_misses, callback_errors=self._callback_errors,
+                     **totals)
+
+    # -- child side
+
+    def _in_child(self) -> bool:
+        if self.state is State.CHILD:
+            return True
+        if self.state is State.INSTALLED and not self._owner.is_me():
+            self._become_child()  # a fork that skipped Python's fork handlers
+            return True
+        return False
+
+    def _after_fork(self) -> None:
+        """Right after os.fork() in the child: stop calling anything of the master's."""
+        if self.state is State.UNINSTALLED:
+            return
+        self.state = State.CHILD
+        self._drain = None  # its thread does not exist here; its locks may be held
+        self._hooks.enter_child()
+
+    def _on_fork(self, hook: _ring.Hook) -> None:
+        """Called by a hook at the first captured write of a new process."""
+        self._become_child()
+
+    def _become_child(self) -> None:
+        """Once per new process: re-aim the hooks and claim a lane. Threads that write while one
+        of them attaches wait for it (bounded) rather than lose their write."""
+        generation = fork_generation()
+        if self._child_generation == generation:
+            return
+        me = threading.get_ident()
+        if self._attaching.setdefault(generation, me) != me:  # atomic under the GIL
+            deadline = time.monotonic() + 5.0
+            while self._child_generation != generation and time.monotonic() < deadline:
+                time.sleep(0.0005)
+            return
+        try:
+            self._after_fork()
+            self._stalled_head = None
+            self._producer = self._claim_lane()
+            self._hooks.set_producer(self._producer)
+        finally:
+            self._child_generation = generation
+            self._attaching.pop(generation, None)
+
+    def _claim_lane(self) -> Producer | None:
+        seg = self._ring.segment
+        if seg.released or seg.closed or not self._ring.master.is_alive():
+            return None
+        me = Stamp.current()
+        rank = detect_rank()
+        for attempt in range(20):
+            lane = seg.claim(me.pid, me.start_us, -1 if rank is None else rank)
+            if lane >= 0:
+                return seg.producer(lane)
+            seg.wake()  # the master frees the lanes of exited children when asked
+            time.sleep(0.005 * (attempt + 1))
+        _warn(f"safe_redirect: no free lane for pid {me.pid}: its output goes to its terminal "
+              "only (counted in stats().lane_misses; raise install(lanes=...))")
+        return None
+
+    def _uninstall_in_child(self) -> None:
+        self._hooks.uninstall()
+        if self._producer is not None:
+            self._producer.close()  # the master drains what is left, then frees the lane
+        self._finish()
+
+    # -- a full lane
+
+    def _on_full(self, hook: _ring.Hook, stream: int, rest: bytes) -> None:
+        producer = hook.producer
+        if producer is None:
+            return
+        if self._overflow == "spill" or self._stalled_head == producer.head:
+            self._spill(producer, rest)
+            return
+        producer.count(0, 0, 1)
+        now = time.monotonic()
+        deadline, next_check = now + self._stall_timeout, now + 0.1
+        head, delay = producer.head, 50e-6
+        while True:
+            time.sleep(delay)
+            delay = min(delay * 2, 0.005)
+            written = producer.append(stream, 0, rest)
+            if written < 0:
+                return  # the master uninstalled: nothing more to capture
+            rest = rest[written:]
+            if not rest:
+                self._stalled_head = None
+                return
+            now = time.monotonic()
+            if producer.head != head:
+                head, deadline = producer.head, now + self._stall_timeout
+            elif now >= deadline:
+                break
+            if now >= next_check:
+                next_check = now + 0.1
+                if not self._reader_alive():
+                    self._hooks.set_producer(None)
+                    break
+        self._spill(producer, rest)
+
+    def _reader_alive(self) -> bool:
+        if self.state is State.INSTALLED:
+            return self._drain is not None and self._drain.thread_ident is not None
+        return self._ring.master.is_alive()
+
+    def _spill(self, producer: Producer, rest: bytes) -> None:
+        """The bytes already went to the terminal; count them, and say so once."""
+        producer.count(1, len(rest), 0)
+        self._stalled_head = producer.head
+        if not self._spill_reported:
+            self._spill_reported = True
+            _warn(f"safe_redirect: pid {os.getpid()}: lane full and the master is not reading; "
+                  "output goes to the terminal only until it reads again (see "
+                  "stats().spilled_bytes)")
+
+
+def install(on_output: OnOutput | None = None, *, mode: str = "wrap",
+            streams: Iterable[str] = ("stdout", "stderr"), tag: str = "[rank{rank}] ",
+            lanes: int = 64, lane_bytes: int = 1 << 20, overflow: str = "block",
+            stall_timeout: float = 2.0, exit_timeout: float = 2.0) -> Session:
+    """Capture this process's and every forked child's console output.
+
+    `on_output(record)` runs in this process only, on one background thread, once per `Record`
+    (one or more whole lines of one process and stream). The terminal keeps showing everything.
+    """
+    return Session(on_output, mode=mode, streams=streams, tag=tag, lanes=lanes,
+                   lane_bytes=lane_bytes, overflow=overflow, stall_timeout=stall_timeout,
+                   exit_timeout=exit_timeout)
+
+
+def stats() -> Stats:
+    """Counters of the newest active session of this process (zeros when there is none)."""
+    for session in reversed(_sessions):
+        if session.state is not State.UNINSTALLED:
+            return session.stats()
+    return Stats()
+
+

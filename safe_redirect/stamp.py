@@ -1,0 +1,107 @@
+"""Who a process is: the owner stamp of a hook, fork detection, and the rank a process reports.
+
+A pid alone cannot name a process: pids are reused. A stamp is (pid, start time); a process whose
+pid is alive but whose start time differs is somebody else. Forks are seen two ways: the C extension
+bumps a *fork generation* in every child right after fork(), before any Python code runs there (also
+for forks made by C libraries), and `os.register_at_fork` runs our Python handlers where Python
+forked. The write path compares generations, one memory load; the slower paths compare pids.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import psutil
+
+from safe_redirect import _ring
+
+__all__ = ["Stamp", "detect_rank", "fork_generation", "on_fork_in_child", "remove_fork_handler"]
+
+
+def fork_generation() -> int:
+    """How many forks lie between this process and the one that loaded safe_redirect."""
+    return _ring.fork_generation()
+
+
+def _start_time_us(pid: int) -> int:
+    created: float = psutil.Process(pid).create_time()
+    return round(created * 1_000_000)
+
+
+@dataclass(frozen=True)
+class Stamp:
+    """A process named so that pid reuse cannot fool us: pid plus start time in microseconds."""
+
+    pid: int
+    start_us: int
+
+    @classmethod
+    def current(cls) -> Stamp:
+        pid = os.getpid()
+        return cls(pid, _start_time_us(pid))
+
+    def is_alive(self) -> bool:
+        """True while this very process runs (a zombie or a reused pid counts as dead)."""
+        try:
+            proc = psutil.Process(self.pid)
+            with proc.oneshot():
+                if round(proc.create_time() * 1_000_000) != self.start_us:
+                    return False
+                status: str = proc.status()
+                return bool(status != psutil.STATUS_ZOMBIE)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            return False
+
+    def pid_exists(self) -> bool:
+        return bool(psutil.pid_exists(self.pid))
+
+    def is_me(self) -> bool:
+        return self.pid == os.getpid()
+
+
+_RANK_VARIABLES = ("RANK", "LOCAL_RANK")
+
+
+def detect_rank() -> int | None:
+    """The rank the launcher gave this process: RANK, LOCAL_RANK, or the torch_xla ordinal."""
+    for name in _RANK_VARIABLES:
+        value = os.environ.get(name, "").strip()
+        if value.lstrip("-").isdigit():
+            return int(value)
+    xla_runtime = sys.modules.get("torch_xla.runtime")
+    if xla_runtime is not None:
+        try:
+            return int(xla_runtime.global_ordinal())
+        except Exception:
+            return None
+    return None
+
+
+_child_handlers: list[Callable[[], None]] = []
+
+
+def _run_child_handlers() -> None:
+    for handler in list(_child_handlers):
+        try:
+            handler()
+        except Exception as exc:  # a fork handler must never break the child
+            os.write(2, f"safe_redirect: fork handler failed: {exc!r}\n".encode())
+
+
+def on_fork_in_child(handler: Callable[[], None]) -> None:
+    """Run `handler` in every child right after `os.fork()` (multiprocessing's fork included)."""
+    _child_handlers.append(handler)
+
+
+def remove_fork_handler(handler: Callable[[], None]) -> None:
+    try:
+        _child_handlers.remove(handler)
+    except ValueError:
+        pass
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_run_child_handlers)

@@ -1,0 +1,96 @@
+"""Helpers for tests that start real processes: every wait is bounded, a hang is a failure."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import traceback
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+import safe_redirect
+from safe_redirect import Record
+
+
+def fork_call(fn: Callable[..., Any], *args: Any) -> int:
+    """Run fn(*args) in a child made by os.fork(); the child never returns into pytest."""
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            fn(*args)
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        finally:
+            for stream in (sys.stdout, sys.stderr):
+                try:
+                    stream.flush()
+                except Exception:
+                    pass
+            os._exit(code)
+    return pid
+
+
+def wait_pid(pid: int, timeout: float = 60.0) -> int:
+    """The child's exit code; a child still running after `timeout` is killed and the test fails."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        time.sleep(0.005)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    pytest.fail(f"child {pid} hung for {timeout} s")
+
+
+def run_python(code: str, timeout: float = 60.0, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    """Run `code` in a fresh interpreter; a hang is a failure, not a wait."""
+    try:
+        return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
+                              text=True, timeout=timeout, **kwargs)
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"script hung for {timeout} s; stderr: {exc.stderr!r}")
+
+
+def lines_by_origin(records: list[Record]) -> dict[tuple[int, str], list[str]]:
+    """Lines per (pid, stream), in delivery order."""
+    out: dict[tuple[int, str], list[str]] = defaultdict(list)
+    for record in records:
+        out[(record.pid, record.stream)].extend(record.text.splitlines())
+    return out
+
+
+@pytest.fixture
+def capture() -> Iterator[tuple[safe_redirect.Session, list[Record]]]:
+    """An installed session whose records land in a list; uninstalled after the test."""
+    records: list[Record] = []
+    session = safe_redirect.install(on_output=records.append)
+    try:
+        yield session, records
+    finally:
+        session.uninstall()
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_segments() -> Iterator[None]:
+    """A test must not leave a segment of this process behind in /dev/shm."""
+    def mine() -> set[str]:
+        prefix = f"safe_redirect-{os.getpid()}-"
+        try:
+            return {n for n in os.listdir("/dev/shm") if n.startswith(prefix)}
+        except FileNotFoundError:
+            return set()
+
+    before = mine()
+    yield
+    leaked = mine() - before
+    assert not leaked, f"segments left behind: {leaked}"

@@ -1,0 +1,98 @@
+"""Rebuilding lines from a lane's records: partial writes, \\r, UTF-8 across writes, bad bytes."""
+
+from __future__ import annotations
+
+from safe_redirect import _ring
+from safe_redirect.drain import MAX_PARTIAL_CHARS, LaneReader, Record, render_tag
+
+OUT, ERR = 0, 1
+
+
+def reader() -> LaneReader:
+    return LaneReader(pid=42, start_us=1, rank=3, tag="[rank3] ")
+
+
+def data(stream: int, payload: bytes, t: int = 1) -> tuple[int, int, int, bytes]:
+    return (stream, 0, t, payload)
+
+
+def flush(stream: int) -> tuple[int, int, int, bytes]:
+    return (stream, _ring.FLAG_FLUSH, 9, b"")
+
+
+def texts(records: list[Record]) -> list[tuple[str, str]]:
+    return [(r.stream, r.text) for r in records]
+
+
+def test_whole_lines_come_out_and_partial_lines_wait() -> None:
+    r = reader()
+    assert texts(r.feed([data(OUT, b"one\ntw")])) == [("stdout", "one\n")]
+    assert r.feed([data(OUT, b"o")]) == []
+    assert texts(r.feed([data(OUT, b"\nthree\n")])) == [("stdout", "two\nthree\n")]
+
+
+def test_a_record_carries_who_wrote_it_and_when_its_line_began() -> None:
+    r = reader()
+    r.feed([data(OUT, b"sta", t=100)])
+    (record,) = r.feed([data(OUT, b"rt\n", t=200)])
+    assert record == Record("stdout", "start\n", "[rank3] ", 42, 3, 100)
+    assert record.tagged() == "[rank3] start\n"
+
+
+def test_streams_are_rebuilt_apart_and_keep_their_order() -> None:
+    r = reader()
+    out = r.feed([data(OUT, b"a"), data(ERR, b"E1\n"), data(OUT, b"b\n"), data(ERR, b"E2\n")])
+    assert texts(out) == [("stderr", "E1\n"), ("stdout", "ab\n"), ("stderr", "E2\n")]
+
+
+def test_a_flush_delivers_the_partial_line() -> None:
+    r = reader()
+    assert texts(r.feed([data(OUT, b"prompt> "), flush(OUT)])) == [("stdout", "prompt> ")]
+    assert r.feed([flush(OUT)]) == []  # nothing pending: nothing delivered
+
+
+def test_carriage_returns_end_progress_updates() -> None:
+    r = reader()
+    out = r.feed([data(OUT, b"\r10%"), data(OUT, b"\r20%"), data(OUT, b"\r30%")])
+    assert texts(out) == [("stdout", "\r10%\r20%\r")]  # a record ends where a line ends
+    assert texts(r.flush()) == [("stdout", "30%")]
+
+
+def test_a_trailing_carriage_return_waits_for_a_possible_newline() -> None:
+    r = reader()
+    assert r.feed([data(OUT, b"dos line\r")]) == []
+    assert texts(r.feed([data(OUT, b"\nnext\n")])) == [("stdout", "dos line\r\nnext\n")]
+
+
+def test_utf8_split_across_writes_is_joined() -> None:
+    r = reader()
+    snowman = "☃".encode()
+    assert r.feed([data(OUT, b"x" + snowman[:1])]) == []
+    assert texts(r.feed([data(OUT, snowman[1:] + b"\n")])) == [("stdout", "x☃\n")]
+
+
+def test_invalid_utf8_becomes_replacement_characters_never_an_error() -> None:
+    r = reader()
+    assert texts(r.feed([data(OUT, b"bad \xff\xfe bytes\n")])) == [
+        ("stdout", "bad \ufffd\ufffd bytes\n")]
+    r.feed([data(OUT, b"cut \xe2\x98")])
+    assert texts(r.flush()) == [("stdout", "cut \ufffd")]
+
+
+def test_an_endless_line_is_delivered_in_bounded_pieces() -> None:
+    r = reader()
+    out = r.feed([data(OUT, b"z" * (MAX_PARTIAL_CHARS + 10))])
+    assert [len(x.text) for x in out] == [MAX_PARTIAL_CHARS + 10]
+    assert r.flush() == []
+
+
+def test_tags_fall_back_to_the_pid() -> None:
+    assert render_tag("[rank{rank}] ", 2, 99) == "[rank2] "
+    assert render_tag("<{rank}:{pid}> ", 2, 99) == "<2:99> "
+    assert render_tag("[rank{rank}] ", None, 99) == "[pid99] "
+
+
+def test_tagged_prefixes_every_line() -> None:
+    record = Record("stdout", "a\nb\n", "[rank1] ", 1, 1, 0)
+    assert record.tagged() == "[rank1] a\n[rank1] b\n"
+    assert Record("stdout", "a\n", "", 1, None, 0).tagged() == "a\n"
