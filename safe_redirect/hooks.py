@@ -51,7 +51,6 @@ class _Patch:
     def restore(self) -> None:
         """Put back what was there; if somebody wrapped us since, stay as a pass-through."""
         if not self.is_current():
-            self.hook.producer = None
             return
         if self.previous is _ABSENT:
             delattr(self.owner, self.attribute)
@@ -165,5 +164,6 @@ class StreamHooks:
             try:
                 patch.restore()
             except (AttributeError, TypeError):
-                patch.hook.producer = None
+                pass
+            patch.hook.producer = None  # a reference kept elsewhere now just passes through
         self.state = HookState.REMOVED

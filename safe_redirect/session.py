@@ -101,19 +101,23 @@ class Session:
         self._final_stats: Stats | None = None
         self._attaching: dict[int, int] = {}  # fork generation -> thread attaching a lane
 
+        self._hooks = StreamHooks(streams, self._on_fork, self._on_full)
         self._owner = Stamp.current()
         self._rank = detect_rank()
         self._ring = Ring.create(self._owner, lanes, lane_bytes)
+        self._drain: Drain | None = None
         try:
             lane = self._ring.segment.claim(self._owner.pid, self._owner.start_us,
                                             -1 if self._rank is None else self._rank)
             self._producer: Producer | None = self._ring.segment.producer(lane)
-            self._hooks = StreamHooks(streams, self._on_fork, self._on_full)
-            self._drain: Drain | None = Drain(self._ring, self._deliver, tag, lane)
+            self._drain = Drain(self._ring, self._deliver, tag, lane)
             drain_ident = self._drain.start()
             self._hooks.install(self._producer)
             self._hooks.skip_thread(drain_ident)
         except BaseException:
+            self._hooks.uninstall()
+            if self._drain is not None:
+                self._drain.stop(timeout=1.0)
             self._ring.close()
             self._ring.unlink()
             raise
@@ -190,10 +194,19 @@ class Session:
         self.uninstall(timeout=self._exit_timeout)
 
     def _wait_for_children(self, deadline: float) -> None:
-        """At exit, give children that are still writing a bounded time to finish."""
+        """At exit, give children that are still writing a bounded time to finish: wait until no
+        child lane has moved for `quiet` seconds (an idle pool worker does not hold us up)."""
         master_lane = self._producer.lane if self._producer else -1
+        quiet, last_change, last_tails = 0.1, time.monotonic(), None
         while time.monotonic() < deadline:
-            if not any(lane != master_lane for lane in self._ring.segment.busy_lanes()):
+            tails = {lane: self._ring.lane_info(lane).tail
+                     for lane in self._ring.segment.busy_lanes() if lane != master_lane}
+            now = time.monotonic()
+            if not tails:
+                return
+            if tails != last_tails:
+                last_tails, last_change = tails, now
+            elif now - last_change >= quiet:
                 return
             time.sleep(0.01)
 

@@ -563,3 +563,48 @@ def test_signals_kill_children_mid_write_without_losing_earlier_lines(capture) -
     assert set(lines[100:]) <= {"spinning"}
     os.close(ready_r)
     os.close(ready_w)
+
+
+def test_at_exit_an_idle_child_does_not_hold_the_master_up() -> None:
+    script = """
+        import os, sys, time
+        import safe_redirect
+        safe_redirect.install(on_output=lambda r: None, exit_timeout=20)
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # an idle pool worker: alive and silent until the master is gone
+            os.close(w)
+            print("idle worker ready")
+            sys.stdout.flush()
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, 1)
+            os.dup2(devnull, 2)
+            os.read(r, 1)
+            os._exit(0)
+        os.close(r)
+        time.sleep(0.3)
+    """
+    t0 = time.monotonic()
+    result = run_python(script, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "idle worker ready" in result.stdout
+    assert time.monotonic() - t0 < 10  # not the 20 s exit_timeout
+
+
+def test_at_exit_children_still_printing_are_waited_for(tmp_path) -> None:
+    log = tmp_path / "log.txt"
+    script = f"""
+        import os, time
+        import safe_redirect
+        log = open({str(log)!r}, "w")
+        safe_redirect.install(on_output=lambda r: (log.write(r.text), log.flush()))
+        if os.fork() == 0:
+            for i in range(40):
+                print(f"late child line {{i}}")
+                time.sleep(0.01)
+            os._exit(0)
+        time.sleep(0.05)  # the master ends while its child still prints, without joining it
+    """
+    result = run_python(script, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert log.read_text().splitlines() == [f"late child line {i}" for i in range(40)]
