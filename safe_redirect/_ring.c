@@ -25,6 +25,7 @@
  *      +64  u64 tail         producer: bytes ever published, stored with release order
  *      +72  u64 records, +80 bytes, +88 spilled_records, +96 spilled_bytes, +104 stalls
  *      +128 u64 head         consumer: bytes ever consumed, stored with release order
+ *      +136 u32 space_waiting 1 while the producer sleeps for room; +140 u32 space_bell, its futex
  *     data, lane_bytes: a byte ring of records, each
  *      u32 len | u8 stream | u8 flags | u16 zero | u64 time_ns | len payload bytes | pad to 8
  *     A record may wrap around the end of the ring. A write larger than half the ring is cut into
@@ -96,7 +97,9 @@ typedef struct {
     _Atomic uint64_t stalls;
     char pad1[64 - 48];
     _Atomic uint64_t head;
-    char pad2[64 - 8];
+    _Atomic uint32_t space_waiting; /* 1 while the producer sleeps on space_bell */
+    _Atomic uint32_t space_bell;    /* futex word, bumped when the consumer frees space */
+    char pad2[64 - 16];
 } lane_header;
 
 _Static_assert(sizeof(seg_header) == SEG_HEADER, "segment header layout");
@@ -394,6 +397,28 @@ static int read_record_header(const char *data, uint64_t cap, uint64_t pos, uint
     return (uint64_t)*len <= cap / 2 && *size <= tail - pos;
 }
 
+/* Shrink the joined payload of a run to its size and append (stream, 0, time, payload). */
+static int close_run(PyObject *out, PyObject **payload, Py_ssize_t filled, unsigned stream,
+                     uint64_t t_ns) {
+    if (_PyBytes_Resize(payload, filled) < 0) return -1; /* frees *payload on failure */
+    PyObject *rec = Py_BuildValue("(iiKN)", (int)stream, 0, (unsigned long long)t_ns, *payload);
+    *payload = NULL;
+    if (!rec) return -1;
+    int r = PyList_Append(out, rec);
+    Py_DECREF(rec);
+    return r;
+}
+
+/* Consumer side: after head moved, wake a producer that sleeps for room. */
+static void wake_space_waiter(lane_header *lane) {
+    atomic_thread_fence(memory_order_seq_cst);
+    if (atomic_load_explicit(&lane->space_waiting, memory_order_relaxed) &&
+        atomic_exchange(&lane->space_waiting, 0u)) {
+        atomic_fetch_add(&lane->space_bell, 1);
+        futex_wake_all(&lane->space_bell);
+    }
+}
+
 /* Consumer side: take the published records of a lane (about `max_bytes` of them at most) as
  * [(stream, flags, time_ns, payload)]. Consecutive data records of one stream come back joined,
  * with the time of the first: the reader rebuilds lines from bytes, not from records, and one
@@ -407,64 +432,63 @@ static PyObject *Segment_read(SegmentObject *self, PyObject *args) {
     uint64_t cap = self->hdr->lane_bytes;
     const char *data = lane_data(lane);
     uint64_t head = atomic_load_explicit(&lane->head, memory_order_relaxed);
-    uint64_t tail = atomic_load_explicit(&lane->tail, memory_order_acquire);
-    uint64_t start = head;
+    uint64_t published = atomic_load_explicit(&lane->tail, memory_order_acquire);
+    uint64_t start = head, stop = published;
+    if ((uint64_t)max_bytes < stop - head) stop = head + (uint64_t)max_bytes; /* soft bound */
     PyObject *out = PyList_New(0);
     if (!out) return NULL;
-    while (head < tail && head - start < (uint64_t)max_bytes) {
+    PyObject *payload = NULL; /* the run being joined; its size is an upper bound until done */
+    Py_ssize_t filled = 0;
+    unsigned run_stream = 0;
+    uint64_t run_time = 0;
+    while (head < stop) {
         uint32_t len;
         unsigned stream, flags;
-        uint64_t t_first, size;
-        if (!read_record_header(data, cap, head, tail, &len, &stream, &flags, &t_first, &size))
+        uint64_t t_ns, size;
+        if (!read_record_header(data, cap, head, published, &len, &stream, &flags, &t_ns, &size))
             goto corrupt;
-        /* the run of data records of this stream that starts at head */
-        uint64_t end = head, total = 0;
+        if (payload && (stream != run_stream || (flags & FLAG_FLUSH))) {
+            if (close_run(out, &payload, filled, run_stream, run_time) < 0) goto fail;
+        }
         if (flags & FLAG_FLUSH) {
-            end = head + size;
-        } else {
-            while (end < tail && end - start < (uint64_t)max_bytes) {
-                uint32_t l;
-                unsigned st, fl;
-                uint64_t t, sz;
-                if (!read_record_header(data, cap, end, tail, &l, &st, &fl, &t, &sz)) goto corrupt;
-                if (st != stream || (fl & FLAG_FLUSH)) break;
-                total += l;
-                end += sz;
+            PyObject *rec = Py_BuildValue("(iiKy#)", (int)stream, (int)FLAG_FLUSH,
+                                          (unsigned long long)t_ns, "", (Py_ssize_t)0);
+            if (!rec || PyList_Append(out, rec) < 0) {
+                Py_XDECREF(rec);
+                goto fail;
             }
+            Py_DECREF(rec);
+        } else {
+            if (!payload) {
+                /* the payloads of this run fit in the ring bytes that are left to read */
+                payload = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(published - head));
+                if (!payload) goto fail;
+                filled = 0;
+                run_stream = stream;
+                run_time = t_ns;
+            }
+            ring_copy_out(data, cap, head + REC_HEADER, PyBytes_AS_STRING(payload) + filled, len);
+            filled += len;
         }
-        PyObject *payload = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)total);
-        if (!payload) goto fail;
-        char *dst = PyBytes_AS_STRING(payload);
-        for (uint64_t pos = head; pos < end && total;) {
-            uint32_t l;
-            unsigned st, fl;
-            uint64_t t, sz;
-            read_record_header(data, cap, pos, tail, &l, &st, &fl, &t, &sz);
-            ring_copy_out(data, cap, pos + REC_HEADER, dst, l);
-            dst += l;
-            pos += sz;
-        }
-        PyObject *rec = Py_BuildValue("(iiKN)", (int)stream, (int)(flags & FLAG_FLUSH),
-                                      (unsigned long long)t_first, payload);
-        if (!rec || PyList_Append(out, rec) < 0) {
-            Py_XDECREF(rec);
-            goto fail;
-        }
-        Py_DECREF(rec);
-        head = end;
+        head += size;
     }
-    atomic_store_explicit(&lane->head, head, memory_order_release);
+    if (payload && close_run(out, &payload, filled, run_stream, run_time) < 0) goto fail;
+    if (head != start) {
+        atomic_store_explicit(&lane->head, head, memory_order_release);
+        wake_space_waiter(lane);
+    }
     return out;
 corrupt:
-    atomic_store_explicit(&lane->head, tail, memory_order_release);
+    Py_XDECREF(payload);
+    atomic_store_explicit(&lane->head, published, memory_order_release);
     Py_DECREF(out);
     PyErr_Format(PyExc_RuntimeError, "corrupt record in lane %ld at %llu", i,
                  (unsigned long long)head);
     return NULL;
 fail:
-    atomic_store_explicit(&lane->head, head, memory_order_release);
+    Py_XDECREF(payload);
     Py_DECREF(out);
-    return NULL;
+    return NULL; /* head not moved: nothing is lost */
 }
 
 /* Consumer side: return a lane whose producer is gone (closed or dead) to the free pool. */
@@ -653,16 +677,23 @@ static int64_t producer_append(ProducerObject *p, unsigned stream, unsigned flag
     return n;
 }
 
-static PyObject *Producer_append(ProducerObject *self, PyObject *args) {
-    unsigned int stream, flags;
-    Py_buffer data;
-    if (!PyArg_ParseTuple(args, "IIy*", &stream, &flags, &data)) return NULL;
-    if (stream > 7) {
-        PyBuffer_Release(&data);
-        PyErr_SetString(PyExc_ValueError, "stream must be 0..7");
+static PyObject *Producer_append(ProducerObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "append(stream, flags, data) takes 3 arguments");
         return NULL;
     }
-    int64_t n = producer_append(self, stream, flags, data.buf, (uint64_t)data.len);
+    long stream = PyLong_AsLong(args[0]);
+    long flags = PyLong_AsLong(args[1]);
+    if ((stream == -1 || flags == -1) && PyErr_Occurred()) return NULL;
+    Py_buffer data;
+    if (PyObject_GetBuffer(args[2], &data, PyBUF_SIMPLE) < 0) return NULL;
+    if (stream < 0 || stream > 7 || flags < 0 || flags > 255) {
+        PyBuffer_Release(&data);
+        PyErr_SetString(PyExc_ValueError, "stream must be 0..7 and flags 0..255");
+        return NULL;
+    }
+    int64_t n = producer_append(self, (unsigned)stream, (unsigned)flags, data.buf,
+                                (uint64_t)data.len);
     PyBuffer_Release(&data);
     return PyLong_FromLongLong(n);
 }
@@ -675,6 +706,42 @@ static PyObject *Producer_count(ProducerObject *self, PyObject *args) {
     atomic_fetch_add(&self->lane->spilled_bytes, spilled_bytes);
     atomic_fetch_add(&self->lane->stalls, stalls);
     Py_RETURN_NONE;
+}
+
+/* Producer side: sleep until the consumer frees room in this lane, or `timeout` seconds pass.
+ * Returns True when room appeared (or already was there). Releases the GIL while it sleeps. */
+static PyObject *Producer_wait_space(ProducerObject *self, PyObject *args) {
+    unsigned long long need;
+    double timeout;
+    if (!PyArg_ParseTuple(args, "Kd", &need, &timeout)) return NULL;
+    if (!producer_live(self)) Py_RETURN_FALSE;
+    lane_header *lane = self->lane;
+    uint64_t cap = self->segment->hdr->lane_bytes;
+    if (need > cap / 2) need = cap / 2; /* what one record needs at most */
+    uint32_t seq = atomic_load(&lane->space_bell);
+    atomic_store(&lane->space_waiting, 1u);
+    atomic_thread_fence(memory_order_seq_cst);
+    uint64_t used = atomic_load(&lane->tail) - atomic_load(&lane->head);
+    if (cap - used >= need) {
+        atomic_store(&lane->space_waiting, 0u);
+        Py_RETURN_TRUE;
+    }
+    if (timeout > 0) {
+        struct timespec ts;
+        ts.tv_sec = (time_t)timeout;
+        ts.tv_nsec = (long)((timeout - (double)ts.tv_sec) * 1e9);
+        Py_BEGIN_ALLOW_THREADS
+#ifdef __linux__
+        syscall(SYS_futex, (uint32_t *)&lane->space_bell, FUTEX_WAIT, seq, &ts, NULL, 0);
+#else
+        (void)seq;
+        nanosleep(&ts, NULL);
+#endif
+        Py_END_ALLOW_THREADS
+    }
+    atomic_store(&lane->space_waiting, 0u);
+    used = atomic_load(&lane->tail) - atomic_load(&lane->head);
+    return PyBool_FromLong(cap - used >= need);
 }
 
 static PyObject *Producer_close(ProducerObject *self, PyObject *unused) {
@@ -715,8 +782,10 @@ static PyGetSetDef Producer_getset[] = {
 };
 
 static PyMethodDef Producer_methods[] = {
-    {"append", (PyCFunction)Producer_append, METH_VARARGS,
+    {"append", (PyCFunction)(void (*)(void))Producer_append, METH_FASTCALL,
      "append(stream, flags, data) -> bytes published (< len: lane full; -1: detached)"},
+    {"wait_space", (PyCFunction)Producer_wait_space, METH_VARARGS,
+     "wait_space(need, timeout) -> bool: sleep until the consumer frees `need` bytes of room"},
     {"count", (PyCFunction)Producer_count, METH_VARARGS,
      "count(spilled_records, spilled_bytes, stalls): add to the lane's counters"},
     {"close", (PyCFunction)Producer_close, METH_NOARGS,

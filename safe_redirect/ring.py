@@ -11,6 +11,7 @@ from __future__ import annotations
 import mmap
 import os
 import secrets
+import struct
 import tempfile
 from typing import NamedTuple
 
@@ -18,10 +19,15 @@ from safe_redirect import _ring
 from safe_redirect._ring import Producer, Segment
 from safe_redirect.stamp import Stamp
 
-__all__ = ["STREAMS", "LaneInfo", "Producer", "Ring", "Segment"]
+__all__ = ["STREAMS", "LaneInfo", "Producer", "Ring", "Segment", "sweep_orphaned_segments"]
 
 # Stream numbers as stored in each record.
 STREAMS = ("stdout", "stderr")
+
+_PREFIX = "safe_redirect-"
+# The head of the segment header (see _ring.c): magic, version, nlanes, lane_bytes, master stamp.
+_HEADER = struct.Struct("=QIIQQQ")
+_MAGIC = 0x3152445245464153
 
 
 def _shm_dir() -> str:
@@ -61,7 +67,7 @@ class Ring:
         if not 1 <= nlanes <= 65536:
             raise ValueError(f"lanes must be between 1 and 65536, not {nlanes}")
         size = _ring.segment_size(nlanes, lane_bytes)
-        path = os.path.join(_shm_dir(), f"safe_redirect-{owner.pid}-{secrets.token_hex(4)}")
+        path = os.path.join(_shm_dir(), f"{_PREFIX}{owner.pid}-{secrets.token_hex(4)}")
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             os.ftruncate(fd, size)
@@ -92,6 +98,17 @@ class Ring:
     def lane_info(self, lane: int) -> LaneInfo:
         return LaneInfo(*self.segment.lane_info(lane))
 
+    def unlink_if_orphaned(self) -> bool:
+        """Remove the name if the master died without uninstalling (say, SIGKILL). Any process
+        that notices may do it: the name only serves processes that have yet to attach."""
+        if self.master.is_alive():
+            return False
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+        return True
+
     def close(self) -> None:
         """Drop this process's mapping. Producers made from it detach; idempotent."""
         self.segment.release()
@@ -113,3 +130,38 @@ class Ring:
         if seg.released:
             return f"<Ring {self.name} released>"
         return f"<Ring {self.name} lanes={seg.nlanes} lane_bytes={seg.lane_bytes}>"
+
+
+def sweep_orphaned_segments() -> list[str]:
+    """Remove the segments in /dev/shm whose master died without uninstalling; their names.
+
+    Run at install(), so that a SIGKILLed master leaks its segment until the next capture at most.
+    A segment is judged by the master stamp in its header, so a reused pid does not save it.
+    """
+    removed: list[str] = []
+    directory = _shm_dir()
+    try:
+        names = [n for n in os.listdir(directory) if n.startswith(_PREFIX)]
+    except OSError:
+        return removed
+    for name in names:
+        path = os.path.join(directory, name)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                header = os.pread(fd, _HEADER.size, 0)
+            finally:
+                os.close(fd)
+        except OSError:
+            continue
+        if len(header) < _HEADER.size:
+            continue  # being created right now
+        magic, _version, _nlanes, _lane_bytes, pid, start_us = _HEADER.unpack(header)
+        if magic != _MAGIC or Stamp(pid, start_us).is_alive():
+            continue
+        try:
+            os.unlink(path)
+            removed.append(name)
+        except OSError:
+            pass
+    return removed

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from safe_redirect import _ring
 from safe_redirect.drain import Drain, Record
 from safe_redirect.hooks import StreamHooks
-from safe_redirect.ring import Producer, Ring
+from safe_redirect.ring import Producer, Ring, sweep_orphaned_segments
 from safe_redirect.stamp import (
     Stamp,
     detect_rank,
@@ -104,6 +104,7 @@ class Session:
         self._hooks = StreamHooks(streams, self._on_fork, self._on_full)
         self._owner = Stamp.current()
         self._rank = detect_rank()
+        sweep_orphaned_segments()
         self._ring = Ring.create(self._owner, lanes, lane_bytes)
         self._drain: Drain | None = None
         try:
@@ -277,7 +278,7 @@ class Session:
 
     def _claim_lane(self) -> Producer | None:
         seg = self._ring.segment
-        if seg.released or seg.closed or not self._ring.master.is_alive():
+        if seg.released or seg.closed or self._ring.unlink_if_orphaned():
             return None
         me = Stamp.current()
         rank = detect_rank()
@@ -309,10 +310,10 @@ class Session:
         producer.count(0, 0, 1)
         now = time.monotonic()
         deadline, next_check = now + self._stall_timeout, now + 0.1
-        head, delay = producer.head, 50e-6
+        head = producer.head
         while True:
-            time.sleep(delay)
-            delay = min(delay * 2, 0.005)
+            # sleeps until the drain frees room (it rings the lane's futex), 0.1 s at most
+            producer.wait_space(len(rest) + _ring.REC_HEADER, 0.1)
             written = producer.append(stream, 0, rest)
             if written < 0:
                 return  # the master uninstalled: nothing more to capture
@@ -335,7 +336,7 @@ class Session:
     def _reader_alive(self) -> bool:
         if self.state is State.INSTALLED:
             return self._drain is not None and self._drain.thread_ident is not None
-        return self._ring.master.is_alive()
+        return not self._ring.unlink_if_orphaned()
 
     def _spill(self, producer: Producer, rest: bytes) -> None:
         """The bytes already went to the terminal; count them, and say so once."""

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -12,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from safe_redirect import _ring
-from safe_redirect.ring import Ring
+from safe_redirect.ring import Ring, sweep_orphaned_segments
 from safe_redirect.stamp import Stamp
 
 from .conftest import fork_call, wait_pid
@@ -227,3 +229,44 @@ def test_any_interleaving_of_writes_and_reads_delivers_the_bytes_in_order(ops) -
     finally:
         ring.close()
         ring.unlink()
+
+
+def test_a_producer_waiting_for_room_wakes_when_the_consumer_reads(ring: Ring) -> None:
+    p = claim(ring)
+    while p.append(0, 0, b"f" * 500) == 500:
+        pass
+    assert p.wait_space(600, 0.01) is False  # full, and nobody reads
+    woke = []
+
+    def producer() -> None:
+        t0 = time.monotonic()
+        woke.append((p.wait_space(600, 10.0), time.monotonic() - t0))
+
+    thread = threading.Thread(target=producer)
+    thread.start()
+    time.sleep(0.2)
+    ring.segment.read(p.lane, 1 << 62)
+    thread.join(5)
+    assert not thread.is_alive()
+    room, waited = woke[0]
+    assert room and 0.15 < waited < 5.0
+
+
+def test_segments_of_a_master_that_died_are_swept_and_live_ones_kept() -> None:
+    script = ("import os, signal\nfrom safe_redirect.ring import Ring\n"
+              "from safe_redirect.stamp import Stamp\n"
+              "r = Ring.create(Stamp.current(), 1, 4096)\nprint(r.name, flush=True)\n"
+              "os.kill(os.getpid(), signal.SIGKILL)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=60)
+    orphan = done.stdout.strip()
+    assert os.path.exists(f"/dev/shm/{orphan}")
+    live = Ring.create(Stamp.current(), nlanes=1, lane_bytes=4096)
+    try:
+        removed = sweep_orphaned_segments()
+        assert orphan in removed and live.name not in removed
+        assert not os.path.exists(f"/dev/shm/{orphan}")
+        assert os.path.exists(live.path)
+    finally:
+        live.close()
+        live.unlink()

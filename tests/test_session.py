@@ -411,6 +411,7 @@ def test_children_of_a_killed_master_fall_back_to_their_terminal(tmp_path) -> No
         import os, signal, sys, time
         import safe_redirect
         safe_redirect.install(on_output=lambda r: time.sleep(60), lane_bytes=4096)
+        print("master pid", os.getpid(), file=sys.stderr)
         pid = os.fork()
         if pid == 0:
             for i in range(20000):
@@ -428,6 +429,9 @@ def test_children_of_a_killed_master_fall_back_to_their_terminal(tmp_path) -> No
         time.sleep(0.05)
     assert done.read_text() == "ok"
     assert "orphan line 19999" in result.stdout  # it kept writing to its terminal
+    master_pid = int(result.stderr.split("master pid ")[1].split()[0])
+    leaked = [n for n in os.listdir("/dev/shm") if n.startswith(f"safe_redirect-{master_pid}-")]
+    assert leaked == []  # the child that noticed the death removed the segment's name
 
 
 def test_at_exit_the_final_drain_delivers_what_was_not_flushed(tmp_path) -> None:
