@@ -2,11 +2,13 @@
 
 Hooks are set on the stream *objects* (as wandb and ipykernel do), not by replacing `sys.stdout`, so
 that a logging handler or anything else holding the stream object is captured too. Each hook calls
-the writer it replaced and then copies the data into this process's lane (`_ring.Hook`).
+the writer it replaced and then copies the data into its session's lane (`_ring.Hook`).
 
-In a forked child the inherited hooks are re-aimed: they call the *plain* writer of the stream class
-(whatever the master had patched in before or after us is dropped: it belongs to the master) and
-write into a lane of the child's own.
+Every hook of ours on one attribute is kept in a stack, oldest first. In a forked child the stacks
+are re-aimed (`reaim_in_child`): each hook calls the hook of ours below it, the lowest one calls the
+*plain* method of the stream class, and the top one is put back on the stream. Whatever else the
+master had patched in, before or after us (a tracker's writer, say), belongs to the master and is
+never called in a child.
 """
 
 from __future__ import annotations
@@ -19,46 +21,20 @@ from typing import Any
 
 from safe_redirect import _ring
 from safe_redirect.ring import STREAMS, Producer
+from safe_redirect.stamp import fork_generation, on_fork_in_child
 
-__all__ = ["HookState", "StreamHooks"]
+__all__ = ["HookState", "StreamHooks", "reaim_in_child"]
 
 OnFork = Callable[[_ring.Hook], object]
 OnFull = Callable[[_ring.Hook, int, bytes], object]
+
+_ABSENT = object()
 
 
 class HookState(enum.Enum):
     NEW = "new"
     INSTALLED = "installed"
     REMOVED = "removed"
-
-
-@dataclass
-class _Patch:
-    """One attribute of one object that we replaced with a hook, and what was there before."""
-
-    owner: Any
-    attribute: str
-    hook: _ring.Hook
-    previous: Any  # the value in the instance dict before us, or _ABSENT
-    plain: Callable[..., Any]  # the stream class's own method, bound to the owner
-
-    def apply(self) -> None:
-        setattr(self.owner, self.attribute, self.hook)
-
-    def is_current(self) -> bool:
-        return _instance_attr(self.owner, self.attribute) is self.hook
-
-    def restore(self) -> None:
-        """Put back what was there; if somebody wrapped us since, stay as a pass-through."""
-        if not self.is_current():
-            return
-        if self.previous is _ABSENT:
-            delattr(self.owner, self.attribute)
-        else:
-            setattr(self.owner, self.attribute, self.previous)
-
-
-_ABSENT = object()
 
 
 def _instance_attr(obj: Any, name: str) -> Any:
@@ -74,6 +50,70 @@ def _plain_method(obj: Any, name: str) -> Callable[..., Any] | None:
         return None
     bound: Callable[..., Any] = method.__get__(obj, type(obj))
     return bound
+
+
+@dataclass(eq=False)
+class _Patch:
+    """One attribute of one object that we replaced with a hook, and what was there before."""
+
+    owner: Any
+    attribute: str
+    hook: _ring.Hook
+    previous: Any  # the value in the instance dict before us, or _ABSENT
+    plain: Callable[..., Any]  # the stream class's own method, bound to the owner
+    passthrough: bool = False  # its session ended but it could not be taken off the stream
+
+    @property
+    def key(self) -> tuple[int, str]:
+        return (id(self.owner), self.attribute)
+
+    def apply(self) -> None:
+        setattr(self.owner, self.attribute, self.hook)
+
+    def is_current(self) -> bool:
+        return _instance_attr(self.owner, self.attribute) is self.hook
+
+    def restore(self) -> bool:
+        """Put back what was there; True if done. If somebody wrapped us since, we stay."""
+        if not self.is_current():
+            return False
+        if self.previous is _ABSENT:
+            delattr(self.owner, self.attribute)
+        else:
+            setattr(self.owner, self.attribute, self.previous)
+        return True
+
+
+# Our hooks per (object, attribute), oldest first. A hook that could not be taken off (somebody
+# wrapped it) stays here as a pass-through, so that a child can still re-aim it.
+_stacks: dict[tuple[int, str], list[_Patch]] = {}
+_reaimed_generation = fork_generation()
+
+
+def reaim_in_child() -> None:
+    """In a new process: our hooks call each other, then the plain method; nothing of the
+    master's. Idempotent per process; also called from a hook when C code forked."""
+    global _reaimed_generation
+    generation = fork_generation()
+    if _reaimed_generation == generation:
+        return
+    _reaimed_generation = generation
+    for stack in _stacks.values():
+        below: _Patch | None = None  # the nearest hook of a live session
+        for patch in stack:
+            patch.hook.target = below.hook if below else patch.plain
+            patch.previous = below.hook if below else _ABSENT
+            patch.hook.skip_thread = 0  # the master's drain thread does not exist here
+            if not patch.passthrough:
+                below = patch
+        if below is not None and not below.is_current():
+            try:
+                below.apply()  # the newest live hook goes back on top of the stream
+            except (AttributeError, TypeError):
+                pass
+
+
+on_fork_in_child(reaim_in_child)
 
 
 _TARGETS: tuple[tuple[str, str, int], ...] = (
@@ -131,6 +171,7 @@ class StreamHooks:
         except (AttributeError, TypeError):
             return  # an object that takes no attributes: left uncaptured rather than replaced
         self._patches.append(patch)
+        _stacks.setdefault(patch.key, []).append(patch)
 
     def set_producer(self, producer: Producer | None) -> None:
         for patch in self._patches:
@@ -141,29 +182,22 @@ class StreamHooks:
         for patch in self._patches:
             patch.hook.skip_thread = ident
 
-    def enter_child(self) -> None:
-        """In a forked child: call the plain writers and put our hooks back on top. Idempotent."""
-        if self.state is not HookState.INSTALLED:
-            return
-        for patch in self._patches:
-            patch.hook.target = patch.plain
-            patch.hook.skip_thread = 0
-            patch.previous = _ABSENT  # what the master had there is the master's, not ours
-            if not patch.is_current():
-                try:
-                    patch.apply()
-                except (AttributeError, TypeError):
-                    pass
-
     def uninstall(self) -> None:
         """Restore every stream attribute we replaced; idempotent."""
         if self.state is not HookState.INSTALLED:
             self.state = HookState.REMOVED
             return
         for patch in reversed(self._patches):
-            try:
-                patch.restore()
-            except (AttributeError, TypeError):
-                pass
             patch.hook.producer = None  # a reference kept elsewhere now just passes through
+            try:
+                removed = patch.restore()
+            except (AttributeError, TypeError):
+                removed = False
+            stack = _stacks.get(patch.key, [])
+            if removed and stack and stack[-1] is patch:
+                stack.pop()
+                if not stack:
+                    del _stacks[patch.key]
+            else:
+                patch.passthrough = True
         self.state = HookState.REMOVED

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from safe_redirect import _ring
 from safe_redirect.drain import Drain, Record
-from safe_redirect.hooks import StreamHooks
+from safe_redirect.hooks import StreamHooks, reaim_in_child
 from safe_redirect.ring import Producer, Ring, sweep_orphaned_segments
 from safe_redirect.stamp import (
     Stamp,
@@ -249,7 +249,7 @@ class Session:
             return
         self.state = State.CHILD
         self._drain = None  # its thread does not exist here; its locks may be held
-        self._hooks.enter_child()
+        reaim_in_child()  # already done where Python forked; here for forks made in C
 
     def _on_fork(self, hook: _ring.Hook) -> None:
         """Called by a hook at the first captured write of a new process."""
