@@ -195,7 +195,7 @@ static int64_t ring_append(seg_header *seg, lane_header *lane, unsigned stream, 
     } while (done < len);
     if (nrec == 0) return 0;
     atomic_store_explicit(&lane->tail, tail, memory_order_release);
-    atomic_fetch_add_explicit(&lane->records, nrec, memory_order_relaxed);
+    if (len) atomic_fetch_add_explicit(&lane->records, nrec, memory_order_relaxed); /* not markers */
     atomic_fetch_add_explicit(&lane->bytes, done, memory_order_relaxed);
     /* Dekker with the consumer's wait: publish tail, then look whether it sleeps. */
     atomic_thread_fence(memory_order_seq_cst);

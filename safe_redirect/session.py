@@ -51,7 +51,7 @@ class State(enum.Enum):
 class Stats:
     """Counters of a session, as seen from the calling process."""
 
-    records: int = 0  # records written into lanes
+    records: int = 0  # records written into lanes (a write larger than half a lane makes several)
     bytes: int = 0  # payload bytes written into lanes
     delivered: int = 0  # Records handed to on_output
     lanes_in_use: int = 0
