@@ -22,6 +22,7 @@
  *      +8   u32 state        LANE_FREE / LANE_ACTIVE / LANE_CLOSED
  *      +16  i64 rank         -1 = unknown
  *      +24  u64 owner_start  the owner's start time in microseconds (tells a reused pid apart)
+ *      +32  char name[32]    the owner's process name, NUL-terminated
  *      +64  u64 tail         producer: bytes ever published, stored with release order
  *      +72  u64 records, +80 bytes, +88 spilled_records, +96 spilled_bytes, +104 stalls
  *      +128 u64 head         consumer: bytes ever consumed, stored with release order
@@ -88,7 +89,7 @@ typedef struct {
     uint32_t pad_s;
     int64_t rank;
     uint64_t owner_start;
-    char pad0[64 - 32];
+    char name[32]; /* the owner's process name, NUL-terminated (multiprocessing's, say) */
     _Atomic uint64_t tail;
     _Atomic uint64_t records;
     _Atomic uint64_t bytes;
@@ -326,7 +327,9 @@ static PyObject *Segment_release(SegmentObject *self, PyObject *unused) {
 static PyObject *Segment_claim(SegmentObject *self, PyObject *args) {
     unsigned long long pid, start;
     long long rank;
-    if (!PyArg_ParseTuple(args, "KKL", &pid, &start, &rank)) return NULL;
+    const char *name = "";
+    Py_ssize_t name_len = 0;
+    if (!PyArg_ParseTuple(args, "KKL|y#", &pid, &start, &rank, &name, &name_len)) return NULL;
     if (!segment_ready(self)) return NULL;
     if (pid == 0) {
         PyErr_SetString(PyExc_ValueError, "pid must not be 0");
@@ -339,6 +342,8 @@ static PyObject *Segment_claim(SegmentObject *self, PyObject *args) {
         if (atomic_compare_exchange_strong(&lane->owner_pid, &expected, pid)) {
             lane->rank = rank;
             lane->owner_start = start;
+            memset(lane->name, 0, sizeof lane->name);
+            memcpy(lane->name, name, (size_t)(name_len < 31 ? name_len : 31));
             atomic_store_explicit(&lane->state, LANE_ACTIVE, memory_order_release);
             return PyLong_FromUnsignedLong(i);
         }
@@ -372,14 +377,17 @@ static PyObject *Segment_lane_info(SegmentObject *self, PyObject *arg) {
     if (!lane) return NULL;
     uint64_t pid = atomic_load_explicit(&lane->owner_pid, memory_order_acquire);
     uint32_t state = atomic_load_explicit(&lane->state, memory_order_acquire);
+    char name[sizeof lane->name];
+    memcpy(name, lane->name, sizeof name);
+    name[sizeof name - 1] = 0;
     return Py_BuildValue(
-        "(KIKLKKKKKKK)", (unsigned long long)pid, (unsigned)state,
+        "(KIKLKKKKKKKy)", (unsigned long long)pid, (unsigned)state,
         (unsigned long long)lane->owner_start, (long long)lane->rank,
         (unsigned long long)atomic_load(&lane->head), (unsigned long long)atomic_load(&lane->tail),
         (unsigned long long)atomic_load(&lane->records), (unsigned long long)atomic_load(&lane->bytes),
         (unsigned long long)atomic_load(&lane->spilled_records),
         (unsigned long long)atomic_load(&lane->spilled_bytes),
-        (unsigned long long)atomic_load(&lane->stalls));
+        (unsigned long long)atomic_load(&lane->stalls), name);
 }
 
 /* Reads the record header at `pos`; 0 if it is not a sane record below `tail`. */
@@ -506,6 +514,7 @@ static PyObject *Segment_free(SegmentObject *self, PyObject *arg) {
     atomic_store(&lane->stalls, 0);
     lane->rank = -1;
     lane->owner_start = 0;
+    memset(lane->name, 0, sizeof lane->name);
     atomic_store(&lane->state, LANE_FREE);
     atomic_store_explicit(&lane->owner_pid, 0, memory_order_release);
     Py_RETURN_NONE;
@@ -565,6 +574,7 @@ static PyObject *Segment_mark_closed(SegmentObject *self, PyObject *unused) {
 }
 
 static PyObject *Segment_producer(SegmentObject *self, PyObject *arg);
+static PyObject *Segment_placeholder(SegmentObject *self, PyObject *unused);
 
 #define SEG_GETTER(name, expr)                                                     \
     static PyObject *Segment_get_##name(SegmentObject *self, void *closure) {    \
@@ -594,12 +604,15 @@ static PyGetSetDef Segment_getset[] = {
 };
 
 static PyMethodDef Segment_methods[] = {
-    {"claim", (PyCFunction)Segment_claim, METH_VARARGS, "claim(pid, start_us, rank) -> lane or -1"},
+    {"claim", (PyCFunction)Segment_claim, METH_VARARGS,
+     "claim(pid, start_us, rank, name=b'') -> lane or -1"},
+    {"placeholder", (PyCFunction)Segment_placeholder, METH_NOARGS,
+     "a Producer of no lane whose first use asks the hook's on_fork for a real one"},
     {"producer", (PyCFunction)Segment_producer, METH_O, "producer(lane) -> Producer"},
     {"busy_lanes", (PyCFunction)Segment_busy_lanes, METH_NOARGS, "lanes that have an owner"},
     {"lane_info", (PyCFunction)Segment_lane_info, METH_O,
      "(owner_pid, state, owner_start, rank, head, tail, records, bytes, spilled_records, "
-     "spilled_bytes, stalls)"},
+     "spilled_bytes, stalls, name)"},
     {"read", (PyCFunction)Segment_read, METH_VARARGS,
      "read(lane, max_bytes) -> [(stream, flags, time_ns, payload)]"},
     {"free", (PyCFunction)Segment_free, METH_O, "free(lane): consumer returns a dead lane"},
@@ -652,13 +665,27 @@ static PyObject *Segment_producer(SegmentObject *self, PyObject *arg) {
     return (PyObject *)p;
 }
 
+static PyObject *Segment_placeholder(SegmentObject *self, PyObject *unused) {
+    if (!segment_ready(self)) return NULL;
+    ProducerObject *p = PyObject_New(ProducerObject, &Producer_Type);
+    if (!p) return NULL;
+    Py_INCREF(self);
+    p->segment = self;
+    p->lane = NULL;
+    p->index = -1;
+    p->generation = UINT64_MAX; /* never the current generation: the first write attaches */
+    p->detached = 1;
+    p->dirty = 0;
+    return (PyObject *)p;
+}
+
 static void Producer_dealloc(ProducerObject *self) {
     Py_XDECREF(self->segment);
     PyObject_Free(self);
 }
 
 static int producer_live(ProducerObject *p) {
-    return !p->detached && p->segment->has_view;
+    return p->lane && !p->detached && p->segment->has_view;
 }
 
 /* Returns bytes published, or -1 when the producer is detached. */
@@ -701,7 +728,7 @@ static PyObject *Producer_append(ProducerObject *self, PyObject *const *args, Py
 static PyObject *Producer_count(ProducerObject *self, PyObject *args) {
     unsigned long long spilled_records, spilled_bytes, stalls;
     if (!PyArg_ParseTuple(args, "KKK", &spilled_records, &spilled_bytes, &stalls)) return NULL;
-    if (!self->segment->has_view) Py_RETURN_NONE;
+    if (!self->lane || !self->segment->has_view) Py_RETURN_NONE;
     atomic_fetch_add(&self->lane->spilled_records, spilled_records);
     atomic_fetch_add(&self->lane->spilled_bytes, spilled_bytes);
     atomic_fetch_add(&self->lane->stalls, stalls);
@@ -746,13 +773,13 @@ static PyObject *Producer_wait_space(ProducerObject *self, PyObject *args) {
 
 static PyObject *Producer_close(ProducerObject *self, PyObject *unused) {
     if (producer_live(self)) atomic_store(&self->lane->state, LANE_CLOSED);
-    if (self->segment->has_view) ring_bell(self->segment->hdr);
+    if (self->lane && self->segment->has_view) ring_bell(self->segment->hdr);
     self->detached = 1;
     Py_RETURN_NONE;
 }
 
 static PyObject *Producer_head(ProducerObject *self, void *closure) {
-    if (!self->segment->has_view) return PyLong_FromLong(0);
+    if (!self->lane || !self->segment->has_view) return PyLong_FromLong(0);
     return PyLong_FromUnsignedLongLong(atomic_load(&self->lane->head));
 }
 

@@ -44,11 +44,12 @@ class Record:
         return "".join(self.tag + line for line in self.text.splitlines(keepends=True))
 
 
-def render_tag(template: str, rank: int | None, pid: int) -> str:
-    """`template` filled in with the rank; a process without a rank is tagged by its pid."""
+def render_tag(template: str, rank: int | None, pid: int, name: str = "") -> str:
+    """`template` filled in ({rank}, {pid}, {name}) for a process with a rank; one without is
+    tagged by its multiprocessing name, else by its pid."""
     if rank is None:
-        return f"[pid{pid}] "
-    return template.format(rank=rank, pid=pid)
+        return f"[{name}] " if name else f"[pid{pid}] "
+    return template.format(rank=rank, pid=pid, name=name)
 
 
 def _cut_point(text: str) -> int:
@@ -251,8 +252,9 @@ class Drain:
         if info.state == _ring.LANE_FREE:
             return None  # being claimed right now
         rank = None if info.rank < 0 else info.rank
+        name = info.name.decode("utf-8", "replace")
         tag = "" if lane == self._master_lane else render_tag(self._tag_template, rank,
-                                                              info.owner_pid)
+                                                              info.owner_pid, name)
         reader = self._readers[lane] = LaneReader(info.owner_pid, info.owner_start_us, rank, tag)
         return reader
 

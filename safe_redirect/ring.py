@@ -8,6 +8,7 @@ the name. The byte layout is documented at the top of `_ring.c`.
 
 from __future__ import annotations
 
+import builtins
 import mmap
 import os
 import secrets
@@ -48,6 +49,7 @@ class LaneInfo(NamedTuple):
     spilled_records: int
     spilled_bytes: int
     stalls: int
+    name: builtins.bytes  # `bytes` is a field name here
 
 
 class Ring:

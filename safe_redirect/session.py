@@ -23,11 +23,13 @@ from safe_redirect import _ring
 from safe_redirect.drain import Drain, Record
 from safe_redirect.hooks import StreamHooks, reaim_in_child
 from safe_redirect.ring import Producer, Ring, sweep_orphaned_segments
+from safe_redirect.spawn import AttachInfo, ensure_pth, export, unexport
 from safe_redirect.stamp import (
     Stamp,
     detect_rank,
     fork_generation,
     on_fork_in_child,
+    process_name,
     remove_fork_handler,
 )
 
@@ -84,24 +86,9 @@ class Session:
                  streams: Iterable[str] = ("stdout", "stderr"), tag: str = "[rank{rank}] ",
                  lanes: int = 64, lane_bytes: int = 1 << 20, overflow: str = "block",
                  stall_timeout: float = 2.0, exit_timeout: float = 2.0) -> None:
-        if mode != "wrap":
-            if mode == "fd":
-                raise NotImplementedError("mode='fd' (fd-level capture) is not available yet")
-            raise ValueError(f"mode must be 'wrap', not {mode!r}")
-        if overflow not in OVERFLOW_POLICIES:
-            raise ValueError(f"overflow must be one of {OVERFLOW_POLICIES}, not {overflow!r}")
-        tag.format(rank=0, pid=0)  # a bad template fails here, not on the drain thread
+        self._configure(mode, streams, overflow, stall_timeout, exit_timeout)
+        tag.format(rank=0, pid=0, name="")  # a bad template fails here, not on the drain thread
         self._on_output = on_output
-        self._overflow = overflow
-        self._stall_timeout = stall_timeout
-        self._exit_timeout = exit_timeout
-        self._callback_errors = 0
-        self._stalled_head: int | None = None  # lane head when we last spilled for a stall
-        self._spill_reported = False
-        self._final_stats: Stats | None = None
-        self._attaching: dict[int, int] = {}  # fork generation -> thread attaching a lane
-
-        self._hooks = StreamHooks(streams, self._on_fork, self._on_full)
         self._owner = Stamp.current()
         self._rank = detect_rank()
         sweep_orphaned_segments()
@@ -124,6 +111,57 @@ class Session:
             raise
         self._child_generation = fork_generation()
         self.state = State.INSTALLED
+        self._attach_info = AttachInfo(self._ring.name, self._owner.pid, self._owner.start_us,
+                                       mode, self._hooks.streams, overflow, stall_timeout)
+        if ensure_pth() is None:
+            _warn("safe_redirect: no writable site-packages for safe_redirect.pth: spawned "
+                  "processes will not be captured")
+        self._previous_env = export(self._attach_info)
+        self._register()
+
+    @classmethod
+    def attach(cls, info: AttachInfo) -> Session:
+        """The session of a spawned process: it writes into its master's segment, lazily (the
+        first write claims a lane), and runs no callbacks."""
+        self = cls.__new__(cls)
+        self._configure(info.mode, info.streams, info.overflow, info.stall_timeout, 0.0)
+        self._on_output = None
+        self._ring = Ring.attach(info.segment)
+        self._owner = Stamp(info.master_pid, info.master_start_us)
+        if self._ring.master != self._owner:
+            self._ring.close()
+            raise ValueError(f"segment {info.segment} belongs to another master")
+        self._rank = None
+        self._drain = None
+        self._producer = None
+        self._attach_info = info
+        self._previous_env = None
+        self._hooks.install(self._ring.segment.placeholder())
+        self._child_generation = -1  # not a generation: the first write attaches
+        self.state = State.CHILD
+        self._register()
+        return self
+
+    def _configure(self, mode: str, streams: Iterable[str], overflow: str, stall_timeout: float,
+                   exit_timeout: float) -> None:
+        """What a master and an attached child share."""
+        if mode != "wrap":
+            if mode == "fd":
+                raise NotImplementedError("mode='fd' (fd-level capture) is not available yet")
+            raise ValueError(f"mode must be 'wrap', not {mode!r}")
+        if overflow not in OVERFLOW_POLICIES:
+            raise ValueError(f"overflow must be one of {OVERFLOW_POLICIES}, not {overflow!r}")
+        self._overflow = overflow
+        self._stall_timeout = stall_timeout
+        self._exit_timeout = exit_timeout
+        self._callback_errors = 0
+        self._stalled_head: int | None = None  # lane head when we last spilled for a stall
+        self._spill_reported = False
+        self._final_stats: Stats | None = None
+        self._attaching: dict[int, int] = {}  # fork generation -> thread attaching a lane
+        self._hooks = StreamHooks(streams, self._on_fork, self._on_full)
+
+    def _register(self) -> None:
         on_fork_in_child(self._after_fork)
         atexit.register(self._at_exit)
         _sessions.append(self)
@@ -171,6 +209,7 @@ class Session:
             self._uninstall_in_child()
             return
         self._hooks.uninstall()
+        unexport(self._attach_info, self._previous_env)
         assert self._drain is not None
         delivered = self._drain.stop(timeout)
         self._ring.segment.mark_closed()  # children still writing detach at their next write
@@ -282,8 +321,9 @@ class Session:
             return None
         me = Stamp.current()
         rank = detect_rank()
+        name = process_name().encode("utf-8", "replace")[:31]
         for attempt in range(20):
-            lane = seg.claim(me.pid, me.start_us, -1 if rank is None else rank)
+            lane = seg.claim(me.pid, me.start_us, -1 if rank is None else rank, name)
             if lane >= 0:
                 return seg.producer(lane)
             seg.wake()  # the master frees the lanes of exited children when asked

@@ -18,7 +18,10 @@ import psutil
 
 from safe_redirect import _ring
 
-__all__ = ["Stamp", "detect_rank", "fork_generation", "on_fork_in_child", "remove_fork_handler"]
+__all__ = [
+    "Stamp", "detect_rank", "fork_generation", "on_fork_in_child", "process_name",
+    "remove_fork_handler",
+]
 
 
 def fork_generation() -> int:
@@ -63,6 +66,15 @@ class Stamp:
 
 
 _RANK_VARIABLES = ("RANK", "LOCAL_RANK")
+
+
+def process_name() -> str:
+    """multiprocessing's name for this process ("SpawnPoolWorker-3"), or "" for a main process."""
+    multiprocessing = sys.modules.get("multiprocessing")
+    if multiprocessing is None:
+        return ""
+    name: str = multiprocessing.current_process().name
+    return "" if name == "MainProcess" else name
 
 
 def detect_rank() -> int | None:

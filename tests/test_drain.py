@@ -90,6 +90,8 @@ def test_tags_fall_back_to_the_pid() -> None:
     assert render_tag("[rank{rank}] ", 2, 99) == "[rank2] "
     assert render_tag("<{rank}:{pid}> ", 2, 99) == "<2:99> "
     assert render_tag("[rank{rank}] ", None, 99) == "[pid99] "
+    assert render_tag("[rank{rank}] ", None, 99, "SpawnProcess-2") == "[SpawnProcess-2] "
+    assert render_tag("[{name}:{rank}] ", 1, 99, "w") == "[w:1] "
 
 
 def test_tagged_prefixes_every_line() -> None:

@@ -1,0 +1,106 @@
+"""Spawned interpreters join their master through the environment.
+
+A spawned process (multiprocessing spawn or forkserver, `subprocess` running python, and their
+children) inherits no Python state, only the environment. The master exports SAFE_REDIRECT_ATTACH
+(the segment's name, the master's stamp and the capture options); a `.pth` file in site-packages
+runs `safe_redirect.bootstrap.process_startup()` at interpreter start-up, and only when that
+variable is set: an unset variable costs one dictionary look-up (coverage.py measures subprocesses
+the same way).
+
+The `.pth` is installed with the package's wheel; an editable install ships none, so `install()`
+writes it on first use where it is missing (`ensure_pth`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import site
+import sysconfig
+from dataclasses import asdict, dataclass
+
+__all__ = ["ENV_VAR", "PTH_LINE", "PTH_NAME", "AttachInfo", "ensure_pth", "export", "unexport"]
+
+ENV_VAR = "SAFE_REDIRECT_ATTACH"
+PTH_NAME = "safe_redirect.pth"
+PTH_LINE = (f"import os; {ENV_VAR!r} in os.environ and "
+            "__import__('safe_redirect.bootstrap').bootstrap.process_startup()\n")
+
+
+@dataclass(frozen=True)
+class AttachInfo:
+    """What a spawned process needs to write into its master's segment."""
+
+    segment: str
+    master_pid: int
+    master_start_us: int
+    mode: str
+    streams: tuple[str, ...]
+    overflow: str
+    stall_timeout: float
+    version: int = 1
+
+    def encode(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"))
+
+    @classmethod
+    def decode(cls, raw: str) -> AttachInfo:
+        fields = json.loads(raw)
+        if fields.get("version") != 1:
+            raise ValueError(f"{ENV_VAR} of an unknown version: {raw[:80]!r}")
+        fields["streams"] = tuple(fields["streams"])
+        return cls(**fields)
+
+
+def export(info: AttachInfo) -> str | None:
+    """Set the variable for processes spawned from now on; returns the value it replaced."""
+    previous = os.environ.get(ENV_VAR)
+    os.environ[ENV_VAR] = info.encode()
+    return previous
+
+
+def unexport(info: AttachInfo, previous: str | None) -> None:
+    """Put back what `export` replaced, unless somebody changed the variable since."""
+    if os.environ.get(ENV_VAR) != info.encode():
+        return
+    if previous is None:
+        del os.environ[ENV_VAR]
+    else:
+        os.environ[ENV_VAR] = previous
+
+
+def _site_dirs() -> list[str]:
+    dirs = [sysconfig.get_paths()["purelib"]]
+    try:
+        dirs += site.getsitepackages()
+    except AttributeError:  # some embedded interpreters
+        pass
+    return list(dict.fromkeys(os.path.realpath(d) for d in dirs))
+
+
+def ensure_pth() -> str | None:
+    """The path of our `.pth` in this interpreter's site-packages, written there if missing.
+    None when no site directory is writable: spawned processes then run uncaptured."""
+    dirs = _site_dirs()
+    for directory in dirs:
+        path = os.path.join(directory, PTH_NAME)
+        try:
+            with open(path) as existing:
+                if existing.read() == PTH_LINE:
+                    return path
+        except OSError:
+            continue
+    for directory in dirs:
+        path = os.path.join(directory, PTH_NAME)
+        temporary = f"{path}.{os.getpid()}.tmp"
+        try:
+            with open(temporary, "w") as out:
+                out.write(PTH_LINE)
+            os.replace(temporary, path)
+            return path
+        except OSError:
+            try:
+                os.unlink(temporary)
+            except OSError:
+                pass
+    return None
