@@ -27,8 +27,12 @@
  *      +72  u64 records, +80 bytes, +88 spilled_records, +96 spilled_bytes, +104 stalls
  *      +128 u64 head         consumer: bytes ever consumed, stored with release order
  *      +136 u32 space_waiting 1 while the producer sleeps for room; +140 u32 space_bell, its futex
+ *      +144 i32 pipe_fds[2]  fd mode: the owner's pipe read ends for stdout and stderr, -1 if none
+ *      +152 u32 pipes_acked  fd mode: 1 once the consumer opened read ends of its own
  *     data, lane_bytes: a byte ring of records, each
- *      u32 len | u8 stream | u8 flags | u16 zero | u64 time_ns | len payload bytes | pad to 8
+ *      u32 len | u8 stream | u8 flags | u16 thread | u64 time_ns | len payload bytes | pad to 8
+ *     `thread` is a small number for the writing thread (1..65535, per process), so that the
+ *     reader rebuilds lines per thread: two threads' writes never splice into one line.
  *     A record may wrap around the end of the ring. A write larger than half the ring is cut into
  *     records flagged FLAG_CONT except the last; the reader joins bytes per stream anyway.
  *
@@ -100,7 +104,9 @@ typedef struct {
     _Atomic uint64_t head;
     _Atomic uint32_t space_waiting; /* 1 while the producer sleeps on space_bell */
     _Atomic uint32_t space_bell;    /* futex word, bumped when the consumer frees space */
-    char pad2[64 - 16];
+    _Atomic int32_t pipe_fds[2];    /* fd mode: the owner's pipe read ends, -1 if none */
+    _Atomic uint32_t pipes_acked;   /* fd mode: 1 once the consumer holds its own read ends */
+    char pad2[64 - 28];
 } lane_header;
 
 _Static_assert(sizeof(seg_header) == SEG_HEADER, "segment header layout");
@@ -114,6 +120,15 @@ static _Atomic uint64_t fork_generation = 0;
 /* How deep this thread is inside a hooked text-layer call. TextIOWrapper hands its encoded bytes to
  * `buffer.write` through a normal attribute lookup, so a hooked buffer would see them a second time. */
 static _Thread_local int text_depth = 0;
+
+/* This thread's number in the records it writes; 0 until its first write. */
+static _Thread_local uint16_t thread_slot = 0;
+static _Atomic uint32_t next_thread_slot = 0;
+
+static uint16_t current_thread_slot(void) {
+    if (!thread_slot) thread_slot = (uint16_t)(atomic_fetch_add(&next_thread_slot, 1) % 65535u + 1);
+    return thread_slot;
+}
 
 static void after_fork_in_child(void) { atomic_fetch_add(&fork_generation, 1); }
 
@@ -177,6 +192,7 @@ static int64_t ring_append(seg_header *seg, lane_header *lane, unsigned stream, 
     uint64_t tail = atomic_load_explicit(&lane->tail, memory_order_relaxed);
     uint64_t head = atomic_load_explicit(&lane->head, memory_order_acquire);
     uint64_t done = 0, nrec = 0, t = now_ns();
+    uint16_t slot = current_thread_slot();
     do {
         uint64_t chunk = len - done < max_chunk ? len - done : max_chunk;
         uint64_t need = align8(REC_HEADER + chunk);
@@ -186,7 +202,7 @@ static int64_t ring_append(seg_header *seg, lane_header *lane, unsigned stream, 
         memcpy(hdr, &n32, 4);
         hdr[4] = (unsigned char)stream;
         hdr[5] = (unsigned char)(flags | (done + chunk < len ? FLAG_CONT : 0u));
-        hdr[6] = hdr[7] = 0;
+        memcpy(hdr + 6, &slot, 2);
         memcpy(hdr + 8, &t, 8);
         ring_copy_in(data, cap, tail, (const char *)hdr, REC_HEADER);
         ring_copy_in(data, cap, tail + REC_HEADER, src + done, chunk);
@@ -275,6 +291,7 @@ static PyObject *ring_format(PyObject *mod, PyObject *args) {
         lane_header *lane = lane_at(base, lane_bytes, i);
         memset(lane, 0, LANE_HEADER);
         lane->rank = -1;
+        lane->pipe_fds[0] = lane->pipe_fds[1] = -1;
     }
     atomic_thread_fence(memory_order_release);
     hdr->magic = SEG_MAGIC;
@@ -329,7 +346,10 @@ static PyObject *Segment_claim(SegmentObject *self, PyObject *args) {
     long long rank;
     const char *name = "";
     Py_ssize_t name_len = 0;
-    if (!PyArg_ParseTuple(args, "KKL|y#", &pid, &start, &rank, &name, &name_len)) return NULL;
+    int out_fd = -1, err_fd = -1;
+    if (!PyArg_ParseTuple(args, "KKL|y#ii", &pid, &start, &rank, &name, &name_len, &out_fd,
+                          &err_fd))
+        return NULL;
     if (!segment_ready(self)) return NULL;
     if (pid == 0) {
         PyErr_SetString(PyExc_ValueError, "pid must not be 0");
@@ -344,7 +364,11 @@ static PyObject *Segment_claim(SegmentObject *self, PyObject *args) {
             lane->owner_start = start;
             memset(lane->name, 0, sizeof lane->name);
             memcpy(lane->name, name, (size_t)(name_len < 31 ? name_len : 31));
+            atomic_store(&lane->pipe_fds[0], out_fd);
+            atomic_store(&lane->pipe_fds[1], err_fd);
+            atomic_store(&lane->pipes_acked, 0u);
             atomic_store_explicit(&lane->state, LANE_ACTIVE, memory_order_release);
+            if (out_fd >= 0 || err_fd >= 0) ring_bell(self->hdr); /* come and take the pipes */
             return PyLong_FromUnsignedLong(i);
         }
     }
@@ -381,35 +405,40 @@ static PyObject *Segment_lane_info(SegmentObject *self, PyObject *arg) {
     memcpy(name, lane->name, sizeof name);
     name[sizeof name - 1] = 0;
     return Py_BuildValue(
-        "(KIKLKKKKKKKy)", (unsigned long long)pid, (unsigned)state,
+        "(KIKLKKKKKKKy(ii))", (unsigned long long)pid, (unsigned)state,
         (unsigned long long)lane->owner_start, (long long)lane->rank,
         (unsigned long long)atomic_load(&lane->head), (unsigned long long)atomic_load(&lane->tail),
         (unsigned long long)atomic_load(&lane->records), (unsigned long long)atomic_load(&lane->bytes),
         (unsigned long long)atomic_load(&lane->spilled_records),
         (unsigned long long)atomic_load(&lane->spilled_bytes),
-        (unsigned long long)atomic_load(&lane->stalls), name);
+        (unsigned long long)atomic_load(&lane->stalls), name, (int)atomic_load(&lane->pipe_fds[0]),
+        (int)atomic_load(&lane->pipe_fds[1]));
 }
 
 /* Reads the record header at `pos`; 0 if it is not a sane record below `tail`. */
 static int read_record_header(const char *data, uint64_t cap, uint64_t pos, uint64_t tail,
-                              uint32_t *len, unsigned *stream, unsigned *flags, uint64_t *t_ns,
-                              uint64_t *size) {
+                              uint32_t *len, unsigned *stream, unsigned *flags, unsigned *thread,
+                              uint64_t *t_ns, uint64_t *size) {
     unsigned char hdr[REC_HEADER];
+    uint16_t slot;
     ring_copy_out(data, cap, pos, (char *)hdr, REC_HEADER);
     memcpy(len, hdr, 4);
     *stream = hdr[4];
     *flags = hdr[5];
+    memcpy(&slot, hdr + 6, 2);
+    *thread = slot;
     memcpy(t_ns, hdr + 8, 8);
     *size = align8(REC_HEADER + (uint64_t)*len);
     /* Cannot fail with a well-behaved producer: tail is published after the whole record. */
     return (uint64_t)*len <= cap / 2 && *size <= tail - pos;
 }
 
-/* Shrink the joined payload of a run to its size and append (stream, 0, time, payload). */
+/* Shrink the joined payload of a run to its size and append (stream, 0, time, payload, thread). */
 static int close_run(PyObject *out, PyObject **payload, Py_ssize_t filled, unsigned stream,
-                     uint64_t t_ns) {
+                     uint64_t t_ns, unsigned thread) {
     if (_PyBytes_Resize(payload, filled) < 0) return -1; /* frees *payload on failure */
-    PyObject *rec = Py_BuildValue("(iiKN)", (int)stream, 0, (unsigned long long)t_ns, *payload);
+    PyObject *rec = Py_BuildValue("(iiKNi)", (int)stream, 0, (unsigned long long)t_ns, *payload,
+                                  (int)thread);
     *payload = NULL;
     if (!rec) return -1;
     int r = PyList_Append(out, rec);
@@ -428,7 +457,8 @@ static void wake_space_waiter(lane_header *lane) {
 }
 
 /* Consumer side: take the published records of a lane (about `max_bytes` of them at most) as
- * [(stream, flags, time_ns, payload)]. Consecutive data records of one stream come back joined,
+ * [(stream, flags, time_ns, payload, thread)]. Consecutive data records of one stream and thread
+ * come back joined,
  * with the time of the first: the reader rebuilds lines from bytes, not from records, and one
  * Python object per batch instead of per write is what keeps the drain ahead of its writers. */
 static PyObject *Segment_read(SegmentObject *self, PyObject *args) {
@@ -447,20 +477,22 @@ static PyObject *Segment_read(SegmentObject *self, PyObject *args) {
     if (!out) return NULL;
     PyObject *payload = NULL; /* the run being joined; its size is an upper bound until done */
     Py_ssize_t filled = 0;
-    unsigned run_stream = 0;
+    unsigned run_stream = 0, run_thread = 0;
     uint64_t run_time = 0;
     while (head < stop) {
         uint32_t len;
-        unsigned stream, flags;
+        unsigned stream, flags, thread;
         uint64_t t_ns, size;
-        if (!read_record_header(data, cap, head, published, &len, &stream, &flags, &t_ns, &size))
+        if (!read_record_header(data, cap, head, published, &len, &stream, &flags, &thread, &t_ns,
+                                &size))
             goto corrupt;
-        if (payload && (stream != run_stream || (flags & FLAG_FLUSH))) {
-            if (close_run(out, &payload, filled, run_stream, run_time) < 0) goto fail;
+        if (payload && (stream != run_stream || thread != run_thread || (flags & FLAG_FLUSH))) {
+            if (close_run(out, &payload, filled, run_stream, run_time, run_thread) < 0) goto fail;
         }
         if (flags & FLAG_FLUSH) {
-            PyObject *rec = Py_BuildValue("(iiKy#)", (int)stream, (int)FLAG_FLUSH,
-                                          (unsigned long long)t_ns, "", (Py_ssize_t)0);
+            PyObject *rec = Py_BuildValue("(iiKy#i)", (int)stream, (int)FLAG_FLUSH,
+                                          (unsigned long long)t_ns, "", (Py_ssize_t)0,
+                                          (int)thread);
             if (!rec || PyList_Append(out, rec) < 0) {
                 Py_XDECREF(rec);
                 goto fail;
@@ -473,6 +505,7 @@ static PyObject *Segment_read(SegmentObject *self, PyObject *args) {
                 if (!payload) goto fail;
                 filled = 0;
                 run_stream = stream;
+                run_thread = thread;
                 run_time = t_ns;
             }
             ring_copy_out(data, cap, head + REC_HEADER, PyBytes_AS_STRING(payload) + filled, len);
@@ -480,7 +513,8 @@ static PyObject *Segment_read(SegmentObject *self, PyObject *args) {
         }
         head += size;
     }
-    if (payload && close_run(out, &payload, filled, run_stream, run_time) < 0) goto fail;
+    if (payload && close_run(out, &payload, filled, run_stream, run_time, run_thread) < 0)
+        goto fail;
     if (head != start) {
         atomic_store_explicit(&lane->head, head, memory_order_release);
         wake_space_waiter(lane);
@@ -515,6 +549,8 @@ static PyObject *Segment_free(SegmentObject *self, PyObject *arg) {
     lane->rank = -1;
     lane->owner_start = 0;
     memset(lane->name, 0, sizeof lane->name);
+    atomic_store(&lane->pipe_fds[0], -1);
+    atomic_store(&lane->pipe_fds[1], -1);
     atomic_store(&lane->state, LANE_FREE);
     atomic_store_explicit(&lane->owner_pid, 0, memory_order_release);
     Py_RETURN_NONE;
@@ -561,6 +597,15 @@ static PyObject *Segment_wait(SegmentObject *self, PyObject *arg) {
     Py_RETURN_FALSE;
 }
 
+static PyObject *Segment_ack_pipes(SegmentObject *self, PyObject *arg) {
+    long i = PyLong_AsLong(arg);
+    if (i == -1 && PyErr_Occurred()) return NULL;
+    lane_header *lane = segment_lane(self, i);
+    if (!lane) return NULL;
+    atomic_store(&lane->pipes_acked, 1u);
+    Py_RETURN_NONE;
+}
+
 static PyObject *Segment_wake(SegmentObject *self, PyObject *unused) {
     if (!segment_ready(self)) return NULL;
     ring_bell(self->hdr);
@@ -605,19 +650,21 @@ static PyGetSetDef Segment_getset[] = {
 
 static PyMethodDef Segment_methods[] = {
     {"claim", (PyCFunction)Segment_claim, METH_VARARGS,
-     "claim(pid, start_us, rank, name=b'') -> lane or -1"},
+     "claim(pid, start_us, rank, name=b'', stdout_pipe_fd=-1, stderr_pipe_fd=-1) -> lane or -1"},
     {"placeholder", (PyCFunction)Segment_placeholder, METH_NOARGS,
      "a Producer of no lane whose first use asks the hook's on_fork for a real one"},
     {"producer", (PyCFunction)Segment_producer, METH_O, "producer(lane) -> Producer"},
     {"busy_lanes", (PyCFunction)Segment_busy_lanes, METH_NOARGS, "lanes that have an owner"},
     {"lane_info", (PyCFunction)Segment_lane_info, METH_O,
      "(owner_pid, state, owner_start, rank, head, tail, records, bytes, spilled_records, "
-     "spilled_bytes, stalls, name)"},
+     "spilled_bytes, stalls, name, (stdout_pipe_fd, stderr_pipe_fd))"},
     {"read", (PyCFunction)Segment_read, METH_VARARGS,
-     "read(lane, max_bytes) -> [(stream, flags, time_ns, payload)]"},
+     "read(lane, max_bytes) -> [(stream, flags, time_ns, payload, thread)]"},
     {"free", (PyCFunction)Segment_free, METH_O, "free(lane): consumer returns a dead lane"},
     {"wait", (PyCFunction)Segment_wait, METH_O, "wait(timeout) -> bool: sleep until data"},
     {"wake", (PyCFunction)Segment_wake, METH_NOARGS, "wake the consumer"},
+    {"ack_pipes", (PyCFunction)Segment_ack_pipes, METH_O,
+     "ack_pipes(lane): the consumer holds read ends of the lane owner's pipes"},
     {"mark_closed", (PyCFunction)Segment_mark_closed, METH_NOARGS,
      "tell every producer that the master is gone"},
     {"release", (PyCFunction)Segment_release, METH_NOARGS, "drop the buffer"},
@@ -783,6 +830,11 @@ static PyObject *Producer_head(ProducerObject *self, void *closure) {
     return PyLong_FromUnsignedLongLong(atomic_load(&self->lane->head));
 }
 
+static PyObject *Producer_get_pipes_acked(ProducerObject *self, void *closure) {
+    if (!self->lane || !self->segment->has_view) Py_RETURN_FALSE;
+    return PyBool_FromLong(atomic_load(&self->lane->pipes_acked));
+}
+
 static PyObject *Producer_get_live(ProducerObject *self, void *closure) {
     return PyBool_FromLong(producer_live(self));
 }
@@ -804,6 +856,8 @@ static PyGetSetDef Producer_getset[] = {
     {"segment", (getter)Producer_get_segment, NULL, NULL, NULL},
     {"generation", (getter)Producer_get_generation, NULL, NULL, NULL},
     {"live", (getter)Producer_get_live, NULL, NULL, NULL},
+    {"pipes_acked", (getter)Producer_get_pipes_acked, NULL,
+     "fd mode: the consumer holds read ends of this process's pipes", NULL},
     {"head", (getter)Producer_head, NULL, "bytes the consumer has taken from this lane", NULL},
     {NULL},
 };

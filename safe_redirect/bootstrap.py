@@ -28,8 +28,8 @@ def process_startup() -> object | None:
         from safe_redirect.session import Session
 
         _attached = Session.attach(AttachInfo.decode(raw))
-    except FileNotFoundError:
-        return None  # the master uninstalled or died: run uncaptured
+    except OSError:
+        return None  # the master uninstalled or died, or its terminal cannot be shared
     except Exception as exc:
         try:
             os.write(2, f"safe_redirect: could not attach to the master: {exc!r}\n".encode())

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from safe_redirect import _ring
+from safe_redirect.fdcapture import open_peer_pipe, read_available
 from safe_redirect.ring import STREAMS, Ring
 from safe_redirect.stamp import Stamp
 
@@ -82,14 +83,21 @@ class LaneReader:
         self.owner = Stamp(pid, start_us)
         self.rank = rank
         self.tag = tag
-        self._streams: dict[int, _StreamState] = {}
+        self._streams: dict[tuple[int, int], _StreamState] = {}  # by (stream, thread)
+        self.pipes: dict[int, int] = {}  # fd mode: stream -> our read end of the owner's pipe
+
+    def close_pipes(self) -> None:
+        for fd in self.pipes.values():
+            os.close(fd)
+        self.pipes.clear()
 
     def _record(self, stream: int, text: str, time_ns: int) -> Record:
         name = STREAMS[stream] if stream < len(STREAMS) else f"stream{stream}"
         return Record(name, text, self.tag, self.owner.pid, self.rank, time_ns)
 
-    def feed(self, records: list[tuple[int, int, int, bytes]]) -> list[Record]:
-        """Whole lines found in `records`; consecutive lines of one stream share a Record."""
+    def feed(self, records: list[tuple[int, int, int, bytes, int]]) -> list[Record]:
+        """Whole lines found in `records`; consecutive lines of one stream share a Record.
+        Lines are rebuilt per writing thread: two threads' writes never splice into one line."""
         out: list[Record] = []
 
         def emit(stream: int, text: str, time_ns: int) -> None:
@@ -102,16 +110,18 @@ class LaneReader:
             else:
                 out.append(record)
 
-        for stream, flags, time_ns, payload in records:
-            state = self._streams.get(stream)
-            if state is None:
-                state = self._streams[stream] = _StreamState()
-            if flags & _ring.FLAG_FLUSH:
-                text = state.partial + state.decoder.decode(b"", final=True)
-                if text:
-                    emit(stream, text, state.partial_time or time_ns)
-                state.partial = ""
+        for stream, flags, time_ns, payload, thread in records:
+            if flags & _ring.FLAG_FLUSH:  # a flush is the stream's, whichever thread called it
+                for (flushed, _), other in self._streams.items():
+                    if flushed == stream:
+                        text = other.partial + other.decoder.decode(b"", final=True)
+                        if text:
+                            emit(stream, text, other.partial_time or time_ns)
+                        other.partial = ""
                 continue
+            state = self._streams.get((stream, thread))
+            if state is None:
+                state = self._streams[(stream, thread)] = _StreamState()
             text = state.decoder.decode(payload)
             if not text:
                 continue
@@ -132,7 +142,7 @@ class LaneReader:
     def flush(self) -> list[Record]:
         """Deliver partial lines too: the writer flushed, exited, or the master asked for all."""
         out: list[Record] = []
-        for stream, state in sorted(self._streams.items()):
+        for (stream, _), state in sorted(self._streams.items()):
             text = state.partial + state.decoder.decode(b"", final=True)
             state.partial = ""
             if text:
@@ -155,10 +165,12 @@ class Drain:
     batch_pause = 0.0005
 
     def __init__(self, ring: Ring, deliver: Callable[[Record], None], tag_template: str,
-                 master_lane: int) -> None:
+                 master_lane: int,
+                 recovered: Callable[[int, bytes], None] = lambda stream, data: None) -> None:
         self._ring = ring
         self._segment = ring.segment
         self._deliver = deliver
+        self._recovered = recovered
         self._tag_template = tag_template
         self._master_lane = master_lane
         self._readers: dict[int, LaneReader] = {}
@@ -212,7 +224,11 @@ class Drain:
             self._stopping = True
         self._segment.wake()
         self._thread.join(timeout)
-        return delivered and not self._thread.is_alive()
+        stopped = not self._thread.is_alive()
+        if stopped:
+            for reader in self._readers.values():
+                reader.close_pipes()
+        return delivered and stopped
 
     # -- the thread
 
@@ -256,6 +272,12 @@ class Drain:
         tag = "" if lane == self._master_lane else render_tag(self._tag_template, rank,
                                                               info.owner_pid, name)
         reader = self._readers[lane] = LaneReader(info.owner_pid, info.owner_start_us, rank, tag)
+        if max(info.pipe_fds) >= 0 and lane != self._master_lane:
+            for stream, fd in enumerate(info.pipe_fds):  # fd mode: a second way out of the child
+                ours = open_peer_pipe(info.owner_pid, fd)
+                if ours is not None:
+                    reader.pipes[stream] = ours
+            self._segment.ack_pipes(lane)  # the child waits (bounded) for this
         return reader
 
     def _pass(self, final: bool) -> bool:
@@ -292,6 +314,14 @@ class Drain:
                     continue
             reader = self._reader(lane) or LaneReader(info.owner_pid, 0, None, "")
             self._hand_over(reader.feed(self._segment.read(lane, 1 << 62)))
+            if info.state != _ring.LANE_CLOSED:  # died: its pump may not have emptied its pipes
+                left = [(stream, 0, time.time_ns(), read_available(fd), 0)
+                        for stream, fd in reader.pipes.items()]
+                for stream, _, _, data, _ in left:
+                    if data:
+                        self._recovered(stream, data)  # the terminal never saw these either
+                self._hand_over(reader.feed([x for x in left if x[3]]))
+            reader.close_pipes()
             self._hand_over(reader.flush())
             final = self._ring.lane_info(lane)
             for key in self.retired:

@@ -50,6 +50,7 @@ class LaneInfo(NamedTuple):
     spilled_bytes: int
     stalls: int
     name: builtins.bytes  # `bytes` is a field name here
+    pipe_fds: tuple[int, int]  # fd mode: the owner's pipe read ends (stdout, stderr), -1 if none
 
 
 class Ring:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from safe_redirect import _ring
 from safe_redirect.drain import Drain, Record
+from safe_redirect.fdcapture import FdCapture, reopen_terminal
 from safe_redirect.hooks import StreamHooks, reaim_in_child
 from safe_redirect.ring import Producer, Ring, sweep_orphaned_segments
 from safe_redirect.spawn import AttachInfo, ensure_pth, export, unexport
@@ -33,12 +34,16 @@ from safe_redirect.stamp import (
     remove_fork_handler,
 )
 
-__all__ = ["OVERFLOW_POLICIES", "Session", "Stats", "install", "stats"]
+__all__ = ["MODES", "OVERFLOW_POLICIES", "Session", "Stats", "install", "stats"]
 
 #: "block": a writer whose lane is full waits while the master keeps reading, and spills (writes to
 #: its terminal only, counted) once the master has read nothing for `stall_timeout` seconds or is
 #: dead. "spill": a writer never waits; what does not fit is spilled at once.
 OVERFLOW_POLICIES = ("block", "spill")
+
+#: "wrap": hook sys.stdout / sys.stderr and their buffers (Python-level writes).
+#: "fd": pipes on fds 1 and 2 (also os.write, os.system, C libraries).
+MODES = ("wrap", "fd")
 
 OnOutput = Callable[[Record], object]
 
@@ -82,6 +87,8 @@ def _warn(message: str) -> None:
 class Session:
     """The handle `install()` returns: `flush()`, `uninstall()`, `stats()`, a context manager."""
 
+    _fd: FdCapture | None  # fd mode: the pipes of this process
+
     def __init__(self, on_output: OnOutput | None = None, *, mode: str = "wrap",
                  streams: Iterable[str] = ("stdout", "stderr"), tag: str = "[rank{rank}] ",
                  lanes: int = 64, lane_bytes: int = 1 << 20, overflow: str = "block",
@@ -98,12 +105,19 @@ class Session:
             lane = self._ring.segment.claim(self._owner.pid, self._owner.start_us,
                                             -1 if self._rank is None else self._rank)
             self._producer: Producer | None = self._ring.segment.producer(lane)
-            self._drain = Drain(self._ring, self._deliver, tag, lane)
+            self._drain = Drain(self._ring, self._deliver, tag, lane, self._tee_recovered)
             drain_ident = self._drain.start()
-            self._hooks.install(self._producer)
-            self._hooks.skip_thread(drain_ident)
+            if self._mode == "fd":
+                self._fd = FdCapture(self._hooks.streams, self._capture_fd)
+                self._fd.start()
+                _drain_pumps_of_multiprocessing_children(self)
+            else:
+                self._hooks.install(self._producer)
+                self._hooks.skip_thread(drain_ident)
         except BaseException:
             self._hooks.uninstall()
+            if self._fd is not None:
+                self._fd.stop(timeout=1.0)
             if self._drain is not None:
                 self._drain.stop(timeout=1.0)
             self._ring.close()
@@ -111,8 +125,10 @@ class Session:
             raise
         self._child_generation = fork_generation()
         self.state = State.INSTALLED
+        terminal = self._fd.saved_fds() if self._fd is not None else (-1, -1)
         self._attach_info = AttachInfo(self._ring.name, self._owner.pid, self._owner.start_us,
-                                       mode, self._hooks.streams, overflow, stall_timeout)
+                                       mode, self._hooks.streams, overflow, stall_timeout,
+                                       terminal)
         if ensure_pth() is None:
             _warn("safe_redirect: no writable site-packages for safe_redirect.pth: spawned "
                   "processes will not be captured")
@@ -136,19 +152,23 @@ class Session:
         self._producer = None
         self._attach_info = info
         self._previous_env = None
-        self._hooks.install(self._ring.segment.placeholder())
         self._child_generation = -1  # not a generation: the first write attaches
         self.state = State.CHILD
+        if self._mode == "fd":
+            # fds 1 and 2 came from the master: its pipes. Take its terminal back, then pipes
+            # of our own (there is no first write to wait for).
+            reopen_terminal(info.master_pid, info.terminal_fds, self._hooks.streams)
+            self._become_child()
+        else:
+            self._hooks.install(self._ring.segment.placeholder())
         self._register()
         return self
 
     def _configure(self, mode: str, streams: Iterable[str], overflow: str, stall_timeout: float,
                    exit_timeout: float) -> None:
         """What a master and an attached child share."""
-        if mode != "wrap":
-            if mode == "fd":
-                raise NotImplementedError("mode='fd' (fd-level capture) is not available yet")
-            raise ValueError(f"mode must be 'wrap', not {mode!r}")
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
         if overflow not in OVERFLOW_POLICIES:
             raise ValueError(f"overflow must be one of {OVERFLOW_POLICIES}, not {overflow!r}")
         self._overflow = overflow
@@ -160,6 +180,8 @@ class Session:
         self._final_stats: Stats | None = None
         self._attaching: dict[int, int] = {}  # fork generation -> thread attaching a lane
         self._hooks = StreamHooks(streams, self._on_fork, self._on_full)
+        self._mode = mode
+        self._fd = None
 
     def _register(self) -> None:
         on_fork_in_child(self._after_fork)
@@ -196,6 +218,8 @@ class Session:
             return True
         if self.state is not State.INSTALLED or self._drain is None:
             return True
+        if self._fd is not None:
+            self._fd.sync(timeout)
         delivered = self._drain.sync(timeout)
         if not delivered:
             _warn(f"safe_redirect: flush timed out after {timeout} s")
@@ -210,6 +234,8 @@ class Session:
             return
         self._hooks.uninstall()
         unexport(self._attach_info, self._previous_env)
+        if self._fd is not None and not self._fd.stop(timeout):
+            _warn(f"safe_redirect: the fd pump did not drain within {timeout} s")
         assert self._drain is not None
         delivered = self._drain.stop(timeout)
         self._ring.segment.mark_closed()  # children still writing detach at their next write
@@ -286,6 +312,11 @@ class Session:
         """Right after os.fork() in the child: stop calling anything of the master's."""
         if self.state is State.UNINSTALLED:
             return
+        self._enter_child_state()
+        if self._mode == "fd":
+            self._become_child()  # fds 1 and 2 must leave the master's pipes at once
+
+    def _enter_child_state(self) -> None:
         self.state = State.CHILD
         self._drain = None  # its thread does not exist here; its locks may be held
         reaim_in_child()  # already done where Python forked; here for forks made in C
@@ -307,15 +338,52 @@ class Session:
                 time.sleep(0.0005)
             return
         try:
-            self._after_fork()
+            self._enter_child_state()
             self._stalled_head = None
-            self._producer = self._claim_lane()
-            self._hooks.set_producer(self._producer)
+            if self._mode == "fd":
+                self._attach_fd_capture()
+            else:
+                self._producer = self._claim_lane()
+                self._hooks.set_producer(self._producer)
         finally:
             self._child_generation = generation
             self._attaching.pop(generation, None)
 
-    def _claim_lane(self) -> Producer | None:
+    def _attach_fd_capture(self) -> None:
+        """fd mode in a new process: fds 1 and 2 back on the terminal, then pipes of our own,
+        published in our lane so that the master can empty them if we die."""
+        if self._fd is not None:
+            self._fd.abandon_in_child()
+        fd = self._fd = FdCapture(self._hooks.streams, self._capture_fd)
+        fd.open()
+        self._producer = self._claim_lane(fd.read_ends())
+        fd.run()
+        deadline = time.monotonic() + 0.1  # bounded: never block a child on its master
+        while self._producer is not None and not self._producer.pipes_acked:
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.0002)
+
+    def _tee_recovered(self, stream: int, data: bytes) -> None:
+        """Bytes the master recovered from a dead child's pipe: the terminal gets them too."""
+        if self._fd is not None:
+            self._fd.tee(stream, data)
+
+    def drain_fd_pump(self) -> None:
+        """Capture what this process's pipes hold; multiprocessing children call it at exit."""
+        if self._fd is not None:
+            self._fd.sync(timeout=1.0)
+
+    def _capture_fd(self, stream: int, data: bytes) -> None:
+        """The fd pump's way into the lane (on the pump thread)."""
+        producer = self._producer
+        if producer is None:
+            return
+        written = producer.append(stream, 0, data)
+        if 0 <= written < len(data):
+            self._append_rest(producer, stream, data[written:])
+
+    def _claim_lane(self, pipe_fds: tuple[int, int] = (-1, -1)) -> Producer | None:
         seg = self._ring.segment
         if seg.released or seg.closed or self._ring.unlink_if_orphaned():
             return None
@@ -323,7 +391,7 @@ class Session:
         rank = detect_rank()
         name = process_name().encode("utf-8", "replace")[:31]
         for attempt in range(20):
-            lane = seg.claim(me.pid, me.start_us, -1 if rank is None else rank, name)
+            lane = seg.claim(me.pid, me.start_us, -1 if rank is None else rank, name, *pipe_fds)
             if lane >= 0:
                 return seg.producer(lane)
             seg.wake()  # the master frees the lanes of exited children when asked
@@ -334,6 +402,8 @@ class Session:
 
     def _uninstall_in_child(self) -> None:
         self._hooks.uninstall()
+        if self._fd is not None:
+            self._fd.stop(timeout=1.0)
         if self._producer is not None:
             self._producer.close()  # the master drains what is left, then frees the lane
         self._finish()
@@ -341,9 +411,11 @@ class Session:
     # -- a full lane
 
     def _on_full(self, hook: _ring.Hook, stream: int, rest: bytes) -> None:
-        producer = hook.producer
-        if producer is None:
-            return
+        if hook.producer is not None:
+            self._append_rest(hook.producer, stream, rest)
+
+    def _append_rest(self, producer: Producer, stream: int, rest: bytes) -> None:
+        """What did not fit: wait for room as the overflow policy says, else spill it."""
         if self._overflow == "spill" or self._stalled_head == producer.head:
             self._spill(producer, rest)
             return
@@ -369,6 +441,7 @@ class Session:
             if now >= next_check:
                 next_check = now + 0.1
                 if not self._reader_alive():
+                    self._producer = None
                     self._hooks.set_producer(None)
                     break
         self._spill(producer, rest)
@@ -387,6 +460,17 @@ class Session:
             _warn(f"safe_redirect: pid {os.getpid()}: lane full and the master is not reading; "
                   "output goes to the terminal only until it reads again (see "
                   "stats().spilled_bytes)")
+
+
+def _drain_pumps_of_multiprocessing_children(session: Session) -> None:
+    """A multiprocessing child ends with os._exit(): atexit does not run there, its finalizers do.
+    Register, in each such child as it starts, a finalizer that empties the child's pipes."""
+    import multiprocessing.util
+
+    def child_started(session: Session) -> None:
+        multiprocessing.util.Finalize(None, session.drain_fd_pump, exitpriority=-100)
+
+    multiprocessing.util.register_after_fork(session, child_started)
 
 
 def install(on_output: OnOutput | None = None, *, mode: str = "wrap",

@@ -38,6 +38,7 @@ class AttachInfo:
     streams: tuple[str, ...]
     overflow: str
     stall_timeout: float
+    terminal_fds: tuple[int, int] = (-1, -1)  # fd mode: the master's saved fds 1 and 2
     version: int = 1
 
     def encode(self) -> str:
@@ -49,6 +50,7 @@ class AttachInfo:
         if fields.get("version") != 1:
             raise ValueError(f"{ENV_VAR} of an unknown version: {raw[:80]!r}")
         fields["streams"] = tuple(fields["streams"])
+        fields["terminal_fds"] = tuple(fields.get("terminal_fds", (-1, -1)))
         return cls(**fields)
 
 

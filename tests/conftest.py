@@ -61,6 +61,17 @@ def run_python(code: str, timeout: float = 60.0, **kwargs: Any) -> subprocess.Co
         pytest.fail(f"script hung for {timeout} s; stderr: {exc.stderr!r}")
 
 
+def run_python_file(path: Any, code: str, timeout: float = 60.0,
+                    **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    """Like run_python, from a file: multiprocessing's spawn re-imports the main module."""
+    path.write_text(textwrap.dedent(code))
+    try:
+        return subprocess.run([sys.executable, str(path)], capture_output=True, text=True,
+                              timeout=timeout, **kwargs)
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"script hung for {timeout} s; stderr: {exc.stderr!r}")
+
+
 def lines_by_origin(records: list[Record]) -> dict[tuple[int, str], list[str]]:
     """Lines per (pid, stream), in delivery order."""
     out: dict[tuple[int, str], list[str]] = defaultdict(list)

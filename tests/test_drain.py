@@ -12,12 +12,13 @@ def reader() -> LaneReader:
     return LaneReader(pid=42, start_us=1, rank=3, tag="[rank3] ")
 
 
-def data(stream: int, payload: bytes, t: int = 1) -> tuple[int, int, int, bytes]:
-    return (stream, 0, t, payload)
+def data(stream: int, payload: bytes, t: int = 1, thread: int = 1
+         ) -> tuple[int, int, int, bytes, int]:
+    return (stream, 0, t, payload, thread)
 
 
-def flush(stream: int) -> tuple[int, int, int, bytes]:
-    return (stream, _ring.FLAG_FLUSH, 9, b"")
+def flush(stream: int, thread: int = 1) -> tuple[int, int, int, bytes, int]:
+    return (stream, _ring.FLAG_FLUSH, 9, b"", thread)
 
 
 def texts(records: list[Record]) -> list[tuple[str, str]]:
@@ -98,3 +99,16 @@ def test_tagged_prefixes_every_line() -> None:
     record = Record("stdout", "a\nb\n", "[rank1] ", 1, 1, 0)
     assert record.tagged() == "[rank1] a\n[rank1] b\n"
     assert Record("stdout", "a\n", "", 1, None, 0).tagged() == "a\n"
+
+
+def test_lines_are_rebuilt_per_thread_so_threads_never_splice_a_line() -> None:
+    r = reader()
+    out = r.feed([data(OUT, b"xla: 2 start", thread=1), data(OUT, b"xla: 3 start", thread=2),
+                  data(OUT, b"\n", thread=1), data(OUT, b"\n", thread=2)])
+    assert texts(out) == [("stdout", "xla: 2 start\nxla: 3 start\n")]
+
+
+def test_a_flush_by_one_thread_delivers_every_threads_partial_line() -> None:
+    r = reader()
+    out = r.feed([data(OUT, b"a", thread=1), data(OUT, b"b", thread=2), flush(OUT, thread=3)])
+    assert texts(out) == [("stdout", "ab")]  # both partial lines, in the order first written

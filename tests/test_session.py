@@ -533,8 +533,8 @@ def test_a_bad_configuration_is_refused_clearly() -> None:
         safe_redirect.install(lane_bytes=5000)
     with pytest.raises(KeyError):
         safe_redirect.install(tag="[{nope}] ")
-    with pytest.raises(NotImplementedError, match="fd"):
-        safe_redirect.install(mode="fd")
+    with pytest.raises(ValueError, match="mode"):
+        safe_redirect.install(mode="tty")
 
 
 def test_stats_of_the_module_follow_the_active_session(capture) -> None:

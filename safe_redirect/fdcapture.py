@@ -1,0 +1,288 @@
+"""fd-level capture: fds 1 and 2 pointed at pipes, and a pump thread that tees and captures.
+
+This catches what never passes through `sys.stdout`: `os.write(1, ...)`, `os.system`, C and C++
+libraries. Each capturing process (the master, and every forked child) has pipes of its own: the
+pump copies what arrives to the saved original fd (the terminal keeps its output) and hands it to
+`capture(stream, data)`. A child never writes into its master's pipe, so lines of two processes
+cannot interleave mid-line, and a child never blocks on a master that stopped reading.
+
+The pump inside a child is not the only way out of it: the child publishes its pipes' read ends in
+its lane, the master opens them through /proc at first sight, and reads what is left in them once
+the child is dead (killed, or gone through os._exit before its pump caught up).
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import sys
+import threading
+from collections.abc import Callable, Iterable
+
+from safe_redirect.ring import STREAMS
+
+__all__ = ["STREAM_FDS", "FdCapture", "open_peer_pipe", "read_available"]
+
+STREAM_FDS = {"stdout": 1, "stderr": 2}
+_CHUNK = 1 << 16
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """Tee to the terminal; a terminal that went away is not the writer's problem."""
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[os.write(fd, view):]
+        except InterruptedError:
+            continue
+        except OSError:
+            return
+
+
+def read_available(fd: int) -> bytes:
+    """Everything a non-blocking pipe holds right now."""
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(fd, _CHUNK)
+        except (BlockingIOError, InterruptedError):
+            break
+        except OSError:
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def open_peer_pipe(pid: int, fd: int) -> int | None:
+    """Our own read end of another process's pipe (Linux /proc), non-blocking; None if gone."""
+    if fd < 0:
+        return None
+    try:
+        ours = os.open(f"/proc/{pid}/fd/{fd}", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    import stat
+
+    if not stat.S_ISFIFO(os.fstat(ours).st_mode):
+        os.close(ours)
+        return None
+    return ours
+
+
+def reopen_terminal(master_pid: int, terminal_fds: tuple[int, int],
+                    streams: Iterable[str]) -> None:
+    """In a spawned process of an fd-mode master: fds 1 and 2 are the master's pipes. Point them
+    at the master's terminal again, opened anew through /proc. Only a terminal or a pipe is
+    reopened so (a regular file would be written at a second offset); otherwise this raises
+    and the process stays uncaptured: its output still reaches the master's pipes, once."""
+    import stat
+
+    opened: dict[int, int] = {}
+    try:
+        for name in streams:
+            fd = STREAM_FDS[name]
+            saved = terminal_fds[fd - 1]
+            if saved < 0:
+                raise OSError(f"the master saved no fd {fd}")
+            new = os.open(f"/proc/{master_pid}/fd/{saved}", os.O_WRONLY | os.O_CLOEXEC)
+            opened[fd] = new
+            mode = os.fstat(new).st_mode
+            if not (stat.S_ISFIFO(mode) or stat.S_ISCHR(mode)):
+                raise OSError(f"the master's fd {fd} is not a terminal or a pipe")
+        for fd, new in opened.items():
+            os.dup2(new, fd)
+    finally:
+        for new in opened.values():
+            os.close(new)
+
+
+class FdCapture:
+    """Pipes on fds 1 and 2 of this process and the pump thread that empties them."""
+
+    def __init__(self, streams: Iterable[str], capture: Callable[[int, bytes], None]) -> None:
+        self._targets = [(STREAMS.index(name), STREAM_FDS[name]) for name in streams]
+        self._capture = capture
+        self.saved: dict[int, int] = {}  # 1 / 2 -> a copy of what it was (the terminal)
+        self.readers: dict[int, tuple[int, int]] = {}  # read end -> (stream, fd it feeds)
+        self._wake_r, self._wake_w = os.pipe()
+        self._pipes: dict[int, tuple[int, int]] = {}  # 1 / 2 -> (st_dev, st_ino) of our pipe
+        self._capturing = True
+        self._stop = False
+        self._drained = threading.Event()
+        self._thread: threading.Thread | None = None
+        # The saved fds are closed by whichever comes last: stop(), or the pump's end.
+        self._closing = threading.Lock()
+        self._pump_done = False
+        self._saved_closed = False
+        self._synced = threading.Condition()
+        self._sync_requested = 0
+        self._sync_done = 0
+
+    def tee(self, stream: int, data: bytes) -> None:
+        """Write to the saved terminal fd of `stream` (0 stdout, 1 stderr), if it is still open."""
+        for _, (number, fd) in self.readers.items():
+            if number == stream and fd in self.saved:
+                _write_all(self.saved[fd], data)
+                return
+
+    def saved_fds(self) -> tuple[int, int]:
+        """(stdout, stderr) copies of the terminal, -1 where not captured."""
+        return (self.saved.get(1, -1), self.saved.get(2, -1))
+
+    def read_ends(self) -> tuple[int, int]:
+        """(stdout, stderr) read ends, -1 where the stream is not captured."""
+        by_stream = {stream: r for r, (stream, _) in self.readers.items()}
+        return (by_stream.get(0, -1), by_stream.get(1, -1))
+
+    def start(self) -> None:
+        self.open()
+        self.run()
+
+    def open(self) -> None:
+        """Point fds 1 and 2 at new pipes; nothing reads them until run()."""
+        _flush_python_streams()
+        for stream, fd in self._targets:
+            saved = os.dup(fd)
+            r, w = os.pipe()
+            os.set_blocking(r, False)
+            os.dup2(w, fd)  # inheritable, as fds 1 and 2 were
+            os.close(w)
+            info = os.fstat(r)
+            self._pipes[fd] = (info.st_dev, info.st_ino)
+            self.saved[fd] = saved
+            self.readers[r] = (stream, fd)
+
+    def run(self) -> None:
+        self._thread = threading.Thread(target=self._pump, name="safe_redirect-fd-pump",
+                                        daemon=True)
+        self._thread.start()
+
+    def sync(self, timeout: float | None) -> bool:
+        """Return once the pump has captured everything written to fds 1 and 2 before."""
+        if self._stop or self._thread is None:
+            return True
+        _flush_python_streams()
+        with self._synced:
+            self._sync_requested += 1
+            target = self._sync_requested
+        os.write(self._wake_w, b"s")
+        with self._synced:
+            return self._synced.wait_for(lambda: self._sync_done >= target or self._pump_done,
+                                         timeout)
+
+    def stop(self, timeout: float | None) -> bool:
+        """Put fds 1 and 2 back, capture what the pipes hold, then only tee until every writer
+        (a subprocess, say) has closed its end. Returns False if the pump did not answer."""
+        if self._stop:
+            return self._drained.is_set()
+        _flush_python_streams()
+        for fd, saved in self.saved.items():
+            if self._still_ours(fd):  # not if somebody (pytest's capfd, say) took fd 1 since
+                os.dup2(saved, fd)
+        self._stop = True
+        os.write(self._wake_w, b"x")
+        drained = self._drained.wait(timeout)
+        with self._closing:
+            if self._pump_done:
+                self._close_saved()
+        return drained
+
+    def _still_ours(self, fd: int) -> bool:
+        try:
+            info = os.fstat(fd)
+        except OSError:
+            return False
+        return (info.st_dev, info.st_ino) == self._pipes.get(fd)
+
+    def _close_saved(self) -> None:
+        """Once: by stop() if the pump has ended, else by the pump as it ends (under _closing)."""
+        if self._saved_closed:
+            return
+        self._saved_closed = True
+        for saved in self.saved.values():
+            try:
+                os.close(saved)
+            except OSError:
+                pass
+        self.saved = {}
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+    def abandon_in_child(self) -> None:
+        """After fork: the pump does not exist here. Point fds 1 and 2 back at the terminal,
+        never at the master's pipes, and drop every fd of the master's capture but the saved
+        terminal copies (the child's own capture starts from them)."""
+        for fd, saved in self.saved.items():
+            os.dup2(saved, fd)
+            os.close(saved)
+        for r in self.readers:
+            os.close(r)
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+        self.readers.clear()
+        self.saved.clear()
+
+    def _pump(self) -> None:
+        poller = select.poll()
+        for r in self.readers:
+            poller.register(r, select.POLLIN)
+        poller.register(self._wake_r, select.POLLIN)
+        open_readers = set(self.readers)
+        while open_readers:
+            try:
+                events = poller.poll()
+            except InterruptedError:
+                continue
+            for fd, _ in events:
+                if fd == self._wake_r:
+                    os.read(self._wake_r, 64)
+                    continue
+                self._move(fd, open_readers, poller)
+            with self._synced:
+                requested = self._sync_requested
+            if requested != self._sync_done:
+                for r in list(open_readers):
+                    self._move(r, open_readers, poller, everything=True)
+                with self._synced:
+                    self._sync_done = requested
+                    self._synced.notify_all()
+            if self._stop and self._capturing:
+                for r in list(open_readers):  # all that was written before stop(): captured
+                    self._move(r, open_readers, poller, everything=True)
+                self._capturing = False
+                self._drained.set()
+        self._drained.set()
+        with self._synced:
+            self._pump_done = True
+            self._synced.notify_all()
+        with self._closing:
+            if self._stop:
+                self._close_saved()
+
+    def _move(self, r: int, open_readers: set[int], poller: select.poll,
+              everything: bool = False) -> None:
+        stream, fd = self.readers[r]
+        try:
+            data = read_available(r) if everything else os.read(r, _CHUNK)
+        except BlockingIOError:
+            return
+        if not data:  # every writer closed its end (fd 1 itself, if the user closed it)
+            poller.unregister(r)
+            open_readers.discard(r)
+            os.close(r)
+            return
+        if fd in self.saved:
+            _write_all(self.saved[fd], data)
+        if self._capturing:
+            self._capture(stream, data)
+
+
+def _flush_python_streams() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None:
+                stream.flush()
+        except Exception:
+            pass

@@ -1,0 +1,187 @@
+"""mode="fd": C-level output (os.write, os.system, libc) of the master and of every child."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import multiprocessing
+import os
+import signal
+import sys
+import time
+from collections.abc import Iterator
+
+import safe_redirect
+from safe_redirect import Record
+
+from .conftest import fork_call, lines_by_origin, run_python_file, wait_pid
+
+FORK = multiprocessing.get_context("fork")
+libc = ctypes.CDLL(None)
+
+
+@contextlib.contextmanager
+def fd_capture() -> Iterator[tuple[safe_redirect.Session, list[Record]]]:
+    """Installed inside the test body: pytest's own fd capture re-points fds 1 and 2 between a
+    fixture's setup and the test call, which would leave our pipes off them."""
+    records: list[Record] = []
+    session = safe_redirect.install(on_output=records.append, mode="fd")
+    try:
+        yield session, records
+    finally:
+        session.uninstall()
+
+
+def test_the_masters_c_level_output_is_captured() -> None:
+    with fd_capture() as (session, records):
+        os.write(1, b"os.write line\n")
+        os.write(2, b"os.write to stderr\n")
+        assert os.system("echo from a shell") == 0
+        libc.puts(b"from libc puts")
+        libc.fflush(None)
+        print("from print", file=sys.__stdout__, flush=True)  # pytest's sys.stdout: no fd 1
+        assert session.flush(timeout=10)
+        by_origin = lines_by_origin(records)
+        assert sorted(by_origin[(os.getpid(), "stdout")]) == sorted(
+            ["os.write line", "from a shell", "from libc puts", "from print"])
+        assert by_origin[(os.getpid(), "stderr")] == ["os.write to stderr"]
+
+
+def _c_level_child(n: int) -> None:
+    os.environ["RANK"] = str(n)
+    for i in range(50):
+        os.write(1, f"child {n} os.write {i}\n".encode())
+    libc.puts(f"child {n} libc".encode())
+    libc.fflush(None)
+    print(f"child {n} print", file=sys.__stdout__, flush=True)
+    os.write(2, f"child {n} stderr\n".encode())
+
+
+def test_forked_childrens_c_level_output_arrives_once_tagged() -> None:
+    with fd_capture() as (session, records):
+        children = [FORK.Process(target=_c_level_child, args=(n,)) for n in range(4)]
+        for child in children:
+            child.start()
+        for child in children:
+            child.join(60)
+            assert child.exitcode == 0
+        assert session.flush(timeout=30)
+        by_origin = lines_by_origin(records)
+        for n, child in enumerate(children):
+            assert by_origin[(child.pid, "stdout")] == [
+                *(f"child {n} os.write {i}" for i in range(50)), f"child {n} libc",
+                f"child {n} print"]
+            assert by_origin[(child.pid, "stderr")] == [f"child {n} stderr"]
+        # rank is read when the lane is claimed: at fork, before the child set RANK
+        assert all(r.pid in {c.pid for c in children} | {os.getpid()} for r in records)
+
+
+def test_a_child_killed_right_after_writing_loses_nothing() -> None:
+    """The pump inside the child is not the only way out: the master empties the dead child's
+    pipes itself."""
+    with fd_capture() as (session, records):
+        pids = []
+        for n in range(5):
+            def child(n: int = n) -> None:
+                os.write(1, b"".join(f"doomed {n} line {i}\n".encode() for i in range(200)))
+                os.kill(os.getpid(), signal.SIGKILL)
+
+            pid = fork_call(child)
+            assert wait_pid(pid, 30) == -signal.SIGKILL
+            pids.append(pid)
+        assert session.flush(timeout=30)
+        by_origin = lines_by_origin(records)
+        for n, pid in enumerate(pids):
+            assert by_origin[(pid, "stdout")] == [f"doomed {n} line {i}" for i in range(200)]
+
+
+def _pool_write(x: int) -> int:
+    os.write(1, f"pool {x}\n".encode())
+    return x
+
+
+def test_a_pool_that_terminates_its_workers_loses_nothing() -> None:
+    with fd_capture() as (session, records):
+        with FORK.Pool(2) as pool:  # leaving the block SIGTERMs the workers
+            assert pool.map(_pool_write, range(40)) == list(range(40))
+        assert session.flush(timeout=30)
+        lines = [line for r in records if r.pid != os.getpid() for line in r.text.splitlines()]
+        assert sorted(lines) == sorted(f"pool {x}" for x in range(40))
+
+
+def test_uninstall_puts_the_same_fds_back() -> None:
+    before = [os.fstat(fd) for fd in (1, 2)]
+    session = safe_redirect.install(mode="fd")
+    during = [os.fstat(fd) for fd in (1, 2)]
+    session.uninstall()
+    after = [os.fstat(fd) for fd in (1, 2)]
+    assert [(s.st_dev, s.st_ino) for s in during] != [(s.st_dev, s.st_ino) for s in before]
+    assert [(s.st_dev, s.st_ino) for s in after] == [(s.st_dev, s.st_ino) for s in before]
+
+
+def test_a_child_printing_after_uninstall_never_blocks() -> None:
+    ready_r, ready_w = os.pipe()
+    go_r, go_w = os.pipe()
+    session = safe_redirect.install(mode="fd")
+
+    def child() -> None:
+        os.write(ready_w, b"1")
+        os.read(go_r, 1)
+        for _ in range(16):
+            os.write(1, b"z" * 65536)  # far more than a pipe holds, nobody capturing
+        print("child done", flush=True)
+
+    pid = fork_call(child)
+    assert os.read(ready_r, 1) == b"1"
+    session.uninstall()
+    t0 = time.monotonic()
+    os.write(go_w, b"1")
+    assert wait_pid(pid, 30) == 0
+    assert time.monotonic() - t0 < 10
+    for fd in (ready_r, ready_w, go_r, go_w):
+        os.close(fd)
+
+
+def test_fd_mode_end_to_end_terminal_and_records(tmp_path) -> None:
+    """In a fresh interpreter whose terminal is a pipe: spawn and fork children, a shell."""
+    log = tmp_path / "records.txt"
+    script = f"""
+        import multiprocessing, os, sys
+        import safe_redirect
+
+        def work(n):
+            os.write(1, f"worker {{n}} c-level\\n".encode())
+            print(f"worker {{n}} print", flush=True)
+
+        if __name__ == "__main__":
+            log = open({str(log)!r}, "w")
+
+            def on_output(record):
+                for line in record.text.splitlines(keepends=True):
+                    log.write(f"{{record.pid}} {{line}}")
+                log.flush()
+
+            with safe_redirect.install(on_output=on_output, mode="fd"):
+                os.system("echo shell in master")
+                for method in ("fork", "spawn"):
+                    p = multiprocessing.get_context(method).Process(target=work, args=(method,))
+                    p.start()
+                    p.join()
+                    assert p.exitcode == 0
+            print("after uninstall")
+    """
+    result = run_python_file(tmp_path / "main.py", script, timeout=120)
+    assert result.returncode == 0, result.stderr
+    terminal = result.stdout.splitlines()
+    for line in ("shell in master", "worker fork c-level", "worker fork print",
+                 "worker spawn c-level", "worker spawn print", "after uninstall"):
+        assert terminal.count(line) == 1, (line, terminal)
+    captured = [line.split(" ", 1) for line in log.read_text().splitlines()]
+    texts = sorted(text for _, text in captured)
+    assert texts == sorted(["shell in master", "worker fork c-level", "worker fork print",
+                            "worker spawn c-level", "worker spawn print"])
+    pids = {text: int(pid) for pid, text in captured}
+    assert pids["worker fork c-level"] == pids["worker fork print"] != pids["shell in master"]
+    assert pids["worker spawn c-level"] == pids["worker spawn print"]
+    assert len({pids["shell in master"], pids["worker fork print"],
+                pids["worker spawn print"]}) == 3

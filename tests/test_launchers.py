@@ -1,0 +1,108 @@
+"""Real launchers: torch.multiprocessing.spawn, DataLoader workers, torch_xla's xmp.spawn.
+
+They need the optional extras (`pip install -e ".[xla]"`); without them the tests are skipped
+with the reason.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import textwrap
+
+import pytest
+
+from .conftest import lines_by_origin
+
+torch = pytest.importorskip("torch", reason="torch is not installed (extra: .[xla])")
+
+
+def _torch_worker(rank: int, world: int) -> None:
+    print(f"torch worker {rank}/{world}")
+    print(f"torch worker {rank} warns", file=sys.stderr)
+
+
+@pytest.mark.timeout(300)
+def test_torch_multiprocessing_spawn_ranks_are_tagged(capture) -> None:
+    import torch.multiprocessing as tmp
+
+    session, records = capture
+    context = tmp.spawn(_torch_worker, args=(4,), nprocs=4, join=False)
+    while not context.join(timeout=60):
+        pass
+    assert session.flush(timeout=30)
+    pids = [p.pid for p in context.processes]
+    by_origin = lines_by_origin(records)
+    for rank, pid in enumerate(pids):
+        assert by_origin[(pid, "stdout")] == [f"torch worker {rank}/4"]
+        assert by_origin[(pid, "stderr")] == [f"torch worker {rank} warns"]
+        assert {r.tag for r in records if r.pid == pid} == {f"[rank{rank}] "}
+        assert {r.rank for r in records if r.pid == pid} == {rank}
+
+
+class _Squares(torch.utils.data.Dataset):  # type: ignore[misc]
+    def __len__(self) -> int:
+        return 8
+
+    def __getitem__(self, index: int) -> int:
+        print(f"loading item {index} in {os.getpid()}")
+        return index * index
+
+
+@pytest.mark.timeout(300)
+def test_dataloader_workers_are_captured(capture) -> None:
+    session, records = capture
+    loader = torch.utils.data.DataLoader(_Squares(), batch_size=2, num_workers=2)
+    assert [int(x) for batch in loader for x in batch] == [i * i for i in range(8)]
+    assert session.flush(timeout=30)
+    lines = [line for r in records if r.pid != os.getpid() for line in r.text.splitlines()]
+    assert sorted(line.split(" in ")[0] for line in lines) == sorted(
+        f"loading item {i}" for i in range(8))
+    for record in records:
+        for line in record.text.splitlines():
+            assert line.endswith(f" in {record.pid}")  # each worker wrote into its own lane
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("start_method", ["fork", "spawn"])
+def test_torch_xla_spawn_on_the_cpu_prints_reach_the_master(tmp_path, start_method) -> None:
+    """The original report's scenario: `print(f'xla: {rank} start train model')` in each rank."""
+    pytest.importorskip("torch_xla", reason="torch_xla is not installed (extra: .[xla])")
+    log = tmp_path / "records.txt"
+    script = textwrap.dedent(f"""
+        import os, sys
+        import safe_redirect
+
+        def train(index):
+            import torch_xla.runtime as xr
+            print(f"xla: {{xr.global_ordinal()}} start train model", flush=True)
+
+        if __name__ == "__main__":
+            import torch_xla.distributed.xla_multiprocessing as xmp
+            log = open({str(log)!r}, "w")
+
+            def on_output(record):
+                for line in record.text.splitlines(keepends=True):
+                    log.write(f"{{record.pid}} {{line}}")
+                log.flush()
+
+            with safe_redirect.install(on_output=on_output):
+                xmp.spawn(train, args=(), nprocs=None, start_method={start_method!r})
+                print("master: training done")
+    """)
+    script_path = tmp_path / "train.py"
+    script_path.write_text(script)
+    env = dict(os.environ, PJRT_DEVICE="CPU", CPU_NUM_DEVICES="4")
+    import subprocess
+
+    done = subprocess.run([sys.executable, str(script_path)], capture_output=True, text=True,
+                          timeout=500, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "can only test a child process" not in done.stderr
+    lines = [line.split(" ", 1)[1] for line in log.read_text().splitlines()]
+    assert sorted(x for x in lines if x.startswith("xla:")) == sorted(
+        f"xla: {r} start train model" for r in range(4))
+    assert "master: training done" in lines
+    worker_pids = {int(line.split(" ", 1)[0]) for line in log.read_text().splitlines()
+                   if "xla:" in line}
+    assert os.getpid() not in worker_pids
