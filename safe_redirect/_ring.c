@@ -211,12 +211,13 @@ static int64_t ring_append(seg_header *seg, lane_header *lane, unsigned stream, 
         nrec++;
     } while (done < len);
     if (nrec == 0) return 0;
-    atomic_store_explicit(&lane->tail, tail, memory_order_release);
     if (len) atomic_fetch_add_explicit(&lane->records, nrec, memory_order_relaxed); /* not markers */
     atomic_fetch_add_explicit(&lane->bytes, done, memory_order_relaxed);
-    /* Dekker with the consumer's wait: publish tail, then look whether it sleeps. */
-    atomic_thread_fence(memory_order_seq_cst);
-    if (atomic_load_explicit(&seg->sleeping, memory_order_relaxed) &&
+    /* Dekker with the consumer's wait: publish tail, then look whether it sleeps. A sequentially
+     * consistent exchange is the publishing store and the full barrier in one instruction (xchg
+     * on x86), cheaper than a release store followed by a fence. */
+    atomic_exchange_explicit(&lane->tail, tail, memory_order_seq_cst);
+    if (atomic_load_explicit(&seg->sleeping, memory_order_seq_cst) &&
         atomic_exchange(&seg->sleeping, 0u)) {
         ring_bell(seg);
     }
