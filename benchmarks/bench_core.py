@@ -365,7 +365,7 @@ def run_ring(nprod: int, lines: int) -> float:
             while count < expected:
                 got = 0
                 for lane in lanes:
-                    for _stream, _flags, _time_ns, payload, _thread in read(lane, 1 << 62):
+                    for _stream, _flags, _time_ns, payload, *_ in read(lane, 1 << 62):
                         got += payload.count(b"\n")
                 if got:
                     count += got

@@ -7,7 +7,11 @@ vanishes.
 """
 
 from safe_redirect.drain import Record
-from safe_redirect.session import OVERFLOW_POLICIES, Session, Stats, install, stats
+from safe_redirect.launchers import set_thread_rank
+from safe_redirect.session import MODES, OVERFLOW_POLICIES, Session, Stats, install, stats
 
-__all__ = ["OVERFLOW_POLICIES", "Record", "Session", "Stats", "install", "stats"]
+__all__ = [
+    "MODES", "OVERFLOW_POLICIES", "Record", "Session", "Stats", "install", "set_thread_rank",
+    "stats",
+]
 __version__ = "0.1.0"

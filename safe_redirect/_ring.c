@@ -30,9 +30,11 @@
  *      +144 i32 pipe_fds[2]  fd mode: the owner's pipe read ends for stdout and stderr, -1 if none
  *      +152 u32 pipes_acked  fd mode: 1 once the consumer opened read ends of its own
  *     data, lane_bytes: a byte ring of records, each
- *      u32 len | u8 stream | u8 flags | u16 thread | u64 time_ns | len payload bytes | pad to 8
+ *      u32 len | u8 stream | u8 flags | u16 thread | i32 rank | u32 zero | u64 time_ns |
+ *      len payload bytes | pad to 8
  *     `thread` is a small number for the writing thread (1..65535, per process), so that the
- *     reader rebuilds lines per thread: two threads' writes never splice into one line.
+ *     reader rebuilds lines per thread: two threads' writes never splice into one line. `rank` is
+ *     the writing thread's rank where a launcher runs ranks as threads (torch_xla), else -1.
  *     A record may wrap around the end of the ring. A write larger than half the ring is cut into
  *     records flagged FLAG_CONT except the last; the reader joins bytes per stream anyway.
  *
@@ -59,7 +61,7 @@
 #define SEG_VERSION 1u
 #define SEG_HEADER 128u
 #define LANE_HEADER 192u
-#define REC_HEADER 16u
+#define REC_HEADER 24u
 
 #define LANE_FREE 0u
 #define LANE_ACTIVE 1u
@@ -124,6 +126,9 @@ static _Thread_local int text_depth = 0;
 /* This thread's number in the records it writes; 0 until its first write. */
 static _Thread_local uint16_t thread_slot = 0;
 static _Atomic uint32_t next_thread_slot = 0;
+
+/* This thread's rank, for launchers whose ranks are threads of one process; -1: the process's. */
+static _Thread_local int32_t thread_rank = -1;
 
 static uint16_t current_thread_slot(void) {
     if (!thread_slot) thread_slot = (uint16_t)(atomic_fetch_add(&next_thread_slot, 1) % 65535u + 1);
@@ -203,7 +208,9 @@ static int64_t ring_append(seg_header *seg, lane_header *lane, unsigned stream, 
         hdr[4] = (unsigned char)stream;
         hdr[5] = (unsigned char)(flags | (done + chunk < len ? FLAG_CONT : 0u));
         memcpy(hdr + 6, &slot, 2);
-        memcpy(hdr + 8, &t, 8);
+        memcpy(hdr + 8, &thread_rank, 4);
+        memset(hdr + 12, 0, 4);
+        memcpy(hdr + 16, &t, 8);
         ring_copy_in(data, cap, tail, (const char *)hdr, REC_HEADER);
         ring_copy_in(data, cap, tail + REC_HEADER, src + done, chunk);
         tail += need;
@@ -419,7 +426,7 @@ static PyObject *Segment_lane_info(SegmentObject *self, PyObject *arg) {
 /* Reads the record header at `pos`; 0 if it is not a sane record below `tail`. */
 static int read_record_header(const char *data, uint64_t cap, uint64_t pos, uint64_t tail,
                               uint32_t *len, unsigned *stream, unsigned *flags, unsigned *thread,
-                              uint64_t *t_ns, uint64_t *size) {
+                              int32_t *rank, uint64_t *t_ns, uint64_t *size) {
     unsigned char hdr[REC_HEADER];
     uint16_t slot;
     ring_copy_out(data, cap, pos, (char *)hdr, REC_HEADER);
@@ -428,18 +435,20 @@ static int read_record_header(const char *data, uint64_t cap, uint64_t pos, uint
     *flags = hdr[5];
     memcpy(&slot, hdr + 6, 2);
     *thread = slot;
-    memcpy(t_ns, hdr + 8, 8);
+    memcpy(rank, hdr + 8, 4);
+    memcpy(t_ns, hdr + 16, 8);
     *size = align8(REC_HEADER + (uint64_t)*len);
     /* Cannot fail with a well-behaved producer: tail is published after the whole record. */
     return (uint64_t)*len <= cap / 2 && *size <= tail - pos;
 }
 
-/* Shrink the joined payload of a run to its size and append (stream, 0, time, payload, thread). */
+/* Shrink the joined payload of a run to its size and append
+ * (stream, 0, time, payload, thread, rank). */
 static int close_run(PyObject *out, PyObject **payload, Py_ssize_t filled, unsigned stream,
-                     uint64_t t_ns, unsigned thread) {
+                     uint64_t t_ns, unsigned thread, int32_t rank) {
     if (_PyBytes_Resize(payload, filled) < 0) return -1; /* frees *payload on failure */
-    PyObject *rec = Py_BuildValue("(iiKNi)", (int)stream, 0, (unsigned long long)t_ns, *payload,
-                                  (int)thread);
+    PyObject *rec = Py_BuildValue("(iiKNii)", (int)stream, 0, (unsigned long long)t_ns, *payload,
+                                  (int)thread, (int)rank);
     *payload = NULL;
     if (!rec) return -1;
     int r = PyList_Append(out, rec);
@@ -458,8 +467,8 @@ static void wake_space_waiter(lane_header *lane) {
 }
 
 /* Consumer side: take the published records of a lane (about `max_bytes` of them at most) as
- * [(stream, flags, time_ns, payload, thread)]. Consecutive data records of one stream and thread
- * come back joined,
+ * [(stream, flags, time_ns, payload, thread, rank)]. Consecutive data records of one stream,
+ * thread and rank come back joined,
  * with the time of the first: the reader rebuilds lines from bytes, not from records, and one
  * Python object per batch instead of per write is what keeps the drain ahead of its writers. */
 static PyObject *Segment_read(SegmentObject *self, PyObject *args) {
@@ -479,21 +488,25 @@ static PyObject *Segment_read(SegmentObject *self, PyObject *args) {
     PyObject *payload = NULL; /* the run being joined; its size is an upper bound until done */
     Py_ssize_t filled = 0;
     unsigned run_stream = 0, run_thread = 0;
+    int32_t run_rank = -1;
     uint64_t run_time = 0;
     while (head < stop) {
         uint32_t len;
         unsigned stream, flags, thread;
+        int32_t rank;
         uint64_t t_ns, size;
-        if (!read_record_header(data, cap, head, published, &len, &stream, &flags, &thread, &t_ns,
-                                &size))
+        if (!read_record_header(data, cap, head, published, &len, &stream, &flags, &thread, &rank,
+                                &t_ns, &size))
             goto corrupt;
-        if (payload && (stream != run_stream || thread != run_thread || (flags & FLAG_FLUSH))) {
-            if (close_run(out, &payload, filled, run_stream, run_time, run_thread) < 0) goto fail;
+        if (payload && (stream != run_stream || thread != run_thread || rank != run_rank ||
+                        (flags & FLAG_FLUSH))) {
+            if (close_run(out, &payload, filled, run_stream, run_time, run_thread, run_rank) < 0)
+                goto fail;
         }
         if (flags & FLAG_FLUSH) {
-            PyObject *rec = Py_BuildValue("(iiKy#i)", (int)stream, (int)FLAG_FLUSH,
+            PyObject *rec = Py_BuildValue("(iiKy#ii)", (int)stream, (int)FLAG_FLUSH,
                                           (unsigned long long)t_ns, "", (Py_ssize_t)0,
-                                          (int)thread);
+                                          (int)thread, (int)rank);
             if (!rec || PyList_Append(out, rec) < 0) {
                 Py_XDECREF(rec);
                 goto fail;
@@ -507,6 +520,7 @@ static PyObject *Segment_read(SegmentObject *self, PyObject *args) {
                 filled = 0;
                 run_stream = stream;
                 run_thread = thread;
+                run_rank = rank;
                 run_time = t_ns;
             }
             ring_copy_out(data, cap, head + REC_HEADER, PyBytes_AS_STRING(payload) + filled, len);
@@ -514,7 +528,8 @@ static PyObject *Segment_read(SegmentObject *self, PyObject *args) {
         }
         head += size;
     }
-    if (payload && close_run(out, &payload, filled, run_stream, run_time, run_thread) < 0)
+    if (payload &&
+        close_run(out, &payload, filled, run_stream, run_time, run_thread, run_rank) < 0)
         goto fail;
     if (head != start) {
         atomic_store_explicit(&lane->head, head, memory_order_release);
@@ -660,7 +675,7 @@ static PyMethodDef Segment_methods[] = {
      "(owner_pid, state, owner_start, rank, head, tail, records, bytes, spilled_records, "
      "spilled_bytes, stalls, name, (stdout_pipe_fd, stderr_pipe_fd))"},
     {"read", (PyCFunction)Segment_read, METH_VARARGS,
-     "read(lane, max_bytes) -> [(stream, flags, time_ns, payload, thread)]"},
+     "read(lane, max_bytes) -> [(stream, flags, time_ns, payload, thread, rank)]"},
     {"free", (PyCFunction)Segment_free, METH_O, "free(lane): consumer returns a dead lane"},
     {"wait", (PyCFunction)Segment_wait, METH_O, "wait(timeout) -> bool: sleep until data"},
     {"wake", (PyCFunction)Segment_wake, METH_NOARGS, "wake the consumer"},
@@ -1098,6 +1113,21 @@ static PyTypeObject Hook_Type = {
 
 /* ---------------------------------------------------------------- module */
 
+static PyObject *ring_set_thread_rank(PyObject *mod, PyObject *arg) {
+    long rank = PyLong_AsLong(arg);
+    if (rank == -1 && PyErr_Occurred()) return NULL;
+    if (rank < -1 || rank > INT32_MAX) {
+        PyErr_SetString(PyExc_ValueError, "rank must be -1 (none) or 0..2**31-1");
+        return NULL;
+    }
+    thread_rank = (int32_t)rank;
+    Py_RETURN_NONE;
+}
+
+static PyObject *ring_get_thread_rank(PyObject *mod, PyObject *unused) {
+    return PyLong_FromLong(thread_rank);
+}
+
 static PyObject *ring_fork_generation(PyObject *mod, PyObject *unused) {
     return PyLong_FromUnsignedLongLong(atomic_load(&fork_generation));
 }
@@ -1106,6 +1136,9 @@ static PyMethodDef module_methods[] = {
     {"format", ring_format, METH_VARARGS,
      "format(buffer, nlanes, lane_bytes, master_pid, master_start_us): lay out a new segment"},
     {"segment_size", ring_segment_size, METH_VARARGS, "segment_size(nlanes, lane_bytes) -> bytes"},
+    {"set_thread_rank", ring_set_thread_rank, METH_O,
+     "set_thread_rank(rank): the rank this thread's records carry (-1: the process's)"},
+    {"thread_rank", ring_get_thread_rank, METH_NOARGS, "the rank this thread's records carry"},
     {"fork_generation", ring_fork_generation, METH_NOARGS,
      "how many forks lie between this process and the one that loaded the module"},
     {NULL},

@@ -68,21 +68,28 @@ def _cut_point(text: str) -> int:
 
 
 class _StreamState:
-    __slots__ = ("decoder", "partial", "partial_time")
+    """One thread's partial line on one stream."""
+
+    __slots__ = ("decoder", "partial", "partial_time", "rank")
 
     def __init__(self) -> None:
         self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
         self.partial = ""
         self.partial_time = 0
+        self.rank = -1  # the writing thread's own rank, if it has one
 
 
 class LaneReader:
     """Rebuilds the lines of one lane's owner from its records."""
 
-    def __init__(self, pid: int, start_us: int, rank: int | None, tag: str) -> None:
+    def __init__(self, pid: int, start_us: int, rank: int | None, name: str = "",
+                 template: str = "[rank{rank}] ", master: bool = False) -> None:
         self.owner = Stamp(pid, start_us)
         self.rank = rank
-        self.tag = tag
+        self.name = name
+        self._template = template
+        self._master = master
+        self.tag = "" if master else render_tag(template, rank, pid, name)
         self._streams: dict[tuple[int, int], _StreamState] = {}  # by (stream, thread)
         self.pipes: dict[int, int] = {}  # fd mode: stream -> our read end of the owner's pipe
 
@@ -91,32 +98,36 @@ class LaneReader:
             os.close(fd)
         self.pipes.clear()
 
-    def _record(self, stream: int, text: str, time_ns: int) -> Record:
+    def _record(self, stream: int, text: str, time_ns: int, thread_rank: int = -1) -> Record:
+        """A Record of this owner; a thread with a rank of its own (torch_xla) is tagged by it."""
         name = STREAMS[stream] if stream < len(STREAMS) else f"stream{stream}"
-        return Record(name, text, self.tag, self.owner.pid, self.rank, time_ns)
+        if thread_rank < 0:
+            return Record(name, text, self.tag, self.owner.pid, self.rank, time_ns)
+        tag = render_tag(self._template, thread_rank, self.owner.pid, self.name)
+        return Record(name, text, tag, self.owner.pid, thread_rank, time_ns)
 
-    def feed(self, records: list[tuple[int, int, int, bytes, int]]) -> list[Record]:
-        """Whole lines found in `records`; consecutive lines of one stream share a Record.
-        Lines are rebuilt per writing thread: two threads' writes never splice into one line."""
+    def feed(self, records: list[tuple[int, int, int, bytes, int, int]]) -> list[Record]:
+        """Whole lines found in `records`; consecutive lines of one stream and origin share a
+        Record. Lines are rebuilt per writing thread: two threads never splice into one line."""
         out: list[Record] = []
 
-        def emit(stream: int, text: str, time_ns: int) -> None:
-            record = self._record(stream, text, time_ns)
-            if out and out[-1].stream == record.stream:
-                last = out[-1]
-                record = Record(last.stream, last.text + text, last.tag, last.pid, last.rank,
-                                last.time_ns)
-                out[-1] = record
+        def emit(stream: int, text: str, time_ns: int, thread_rank: int) -> None:
+            record = self._record(stream, text, time_ns, thread_rank)
+            last = out[-1] if out else None
+            if last and (last.stream, last.tag, last.rank) == (record.stream, record.tag,
+                                                                record.rank):
+                out[-1] = Record(last.stream, last.text + text, last.tag, last.pid, last.rank,
+                                 last.time_ns)
             else:
                 out.append(record)
 
-        for stream, flags, time_ns, payload, thread in records:
+        for stream, flags, time_ns, payload, thread, thread_rank in records:
             if flags & _ring.FLAG_FLUSH:  # a flush is the stream's, whichever thread called it
                 for (flushed, _), other in self._streams.items():
                     if flushed == stream:
                         text = other.partial + other.decoder.decode(b"", final=True)
                         if text:
-                            emit(stream, text, other.partial_time or time_ns)
+                            emit(stream, text, other.partial_time or time_ns, other.rank)
                         other.partial = ""
                 continue
             state = self._streams.get((stream, thread))
@@ -126,15 +137,15 @@ class LaneReader:
             if not text:
                 continue
             if not state.partial:
-                state.partial_time = time_ns
+                state.partial_time, state.rank = time_ns, thread_rank
             pending = state.partial + text
             cut = _cut_point(pending)
             if cut:
-                emit(stream, pending[:cut], state.partial_time)
+                emit(stream, pending[:cut], state.partial_time, state.rank)
                 pending = pending[cut:]
-                state.partial_time = time_ns
+                state.partial_time, state.rank = time_ns, thread_rank
             if len(pending) > MAX_PARTIAL_CHARS:
-                emit(stream, pending, state.partial_time)
+                emit(stream, pending, state.partial_time, state.rank)
                 pending = ""
             state.partial = pending
         return out
@@ -146,7 +157,7 @@ class LaneReader:
             text = state.partial + state.decoder.decode(b"", final=True)
             state.partial = ""
             if text:
-                out.append(self._record(stream, text, state.partial_time))
+                out.append(self._record(stream, text, state.partial_time, state.rank))
         return out
 
 
@@ -268,10 +279,9 @@ class Drain:
         if info.state == _ring.LANE_FREE:
             return None  # being claimed right now
         rank = None if info.rank < 0 else info.rank
-        name = info.name.decode("utf-8", "replace")
-        tag = "" if lane == self._master_lane else render_tag(self._tag_template, rank,
-                                                              info.owner_pid, name)
-        reader = self._readers[lane] = LaneReader(info.owner_pid, info.owner_start_us, rank, tag)
+        reader = self._readers[lane] = LaneReader(
+            info.owner_pid, info.owner_start_us, rank, info.name.decode("utf-8", "replace"),
+            self._tag_template, master=lane == self._master_lane)
         if max(info.pipe_fds) >= 0 and lane != self._master_lane:
             for stream, fd in enumerate(info.pipe_fds):  # fd mode: a second way out of the child
                 ours = open_peer_pipe(info.owner_pid, fd)
@@ -312,12 +322,12 @@ class Drain:
             elif info.state == _ring.LANE_FREE:  # claimed but not yet set up
                 if Stamp(info.owner_pid, 0).pid_exists():
                     continue
-            reader = self._reader(lane) or LaneReader(info.owner_pid, 0, None, "")
+            reader = self._reader(lane) or LaneReader(info.owner_pid, 0, None)
             self._hand_over(reader.feed(self._segment.read(lane, 1 << 62)))
             if info.state != _ring.LANE_CLOSED:  # died: its pump may not have emptied its pipes
-                left = [(stream, 0, time.time_ns(), read_available(fd), 0)
+                left = [(stream, 0, time.time_ns(), read_available(fd), 0, -1)
                         for stream, fd in reader.pipes.items()]
-                for stream, _, _, data, _ in left:
+                for stream, _, _, data, _, _ in left:
                     if data:
                         self._recovered(stream, data)  # the terminal never saw these either
                 self._hand_over(reader.feed([x for x in left if x[3]]))

@@ -23,11 +23,11 @@ from safe_redirect import _ring
 from safe_redirect.drain import Drain, Record
 from safe_redirect.fdcapture import FdCapture, reopen_terminal
 from safe_redirect.hooks import StreamHooks, reaim_in_child
+from safe_redirect.launchers import detect_rank, watch_torch_xla
 from safe_redirect.ring import Producer, Ring, sweep_orphaned_segments
 from safe_redirect.spawn import AttachInfo, ensure_pth, export, unexport
 from safe_redirect.stamp import (
     Stamp,
-    detect_rank,
     fork_generation,
     on_fork_in_child,
     process_name,
@@ -96,6 +96,7 @@ class Session:
         self._configure(mode, streams, overflow, stall_timeout, exit_timeout)
         tag.format(rank=0, pid=0, name="")  # a bad template fails here, not on the drain thread
         self._on_output = on_output
+        watch_torch_xla()
         self._owner = Stamp.current()
         self._rank = detect_rank()
         sweep_orphaned_segments()
@@ -141,6 +142,7 @@ class Session:
         first write claims a lane), and runs no callbacks."""
         self = cls.__new__(cls)
         self._configure(info.mode, info.streams, info.overflow, info.stall_timeout, 0.0)
+        watch_torch_xla()
         self._on_output = None
         self._ring = Ring.attach(info.segment)
         self._owner = Stamp(info.master_pid, info.master_start_us)

@@ -1,4 +1,4 @@
-"""Who a process is: the owner stamp of a hook, fork detection, and the rank a process reports.
+"""Who a process is: the owner stamp of a hook, fork detection, its multiprocessing name.
 
 A pid alone cannot name a process: pids are reused. A stamp is (pid, start time); a process whose
 pid is alive but whose start time differs is somebody else. Forks are seen two ways: the C extension
@@ -18,10 +18,7 @@ import psutil
 
 from safe_redirect import _ring
 
-__all__ = [
-    "Stamp", "detect_rank", "fork_generation", "on_fork_in_child", "process_name",
-    "remove_fork_handler",
-]
+__all__ = ["Stamp", "fork_generation", "on_fork_in_child", "process_name", "remove_fork_handler"]
 
 
 def fork_generation() -> int:
@@ -65,9 +62,6 @@ class Stamp:
         return self.pid == os.getpid()
 
 
-_RANK_VARIABLES = ("RANK", "LOCAL_RANK")
-
-
 def process_name() -> str:
     """multiprocessing's name for this process ("SpawnPoolWorker-3"), or "" for a main process."""
     multiprocessing = sys.modules.get("multiprocessing")
@@ -75,49 +69,6 @@ def process_name() -> str:
         return ""
     name: str = multiprocessing.current_process().name
     return "" if name == "MainProcess" else name
-
-
-def _torch_spawn_rank() -> int | None:
-    """torch.multiprocessing.spawn passes the rank as an argument, not in the environment: its
-    children run `_wrap(fn, rank, args, error_file)` as their Process target."""
-    multiprocessing = sys.modules.get("multiprocessing")
-    if multiprocessing is None:
-        return None
-    process = multiprocessing.current_process()
-    target = getattr(process, "_target", None)
-    if getattr(target, "__module__", "") != "torch.multiprocessing.spawn":
-        return None
-    args: tuple[object, ...] = tuple(getattr(process, "_args", ()))
-    rank = args[1] if len(args) > 1 else None
-    return rank if isinstance(rank, int) else None
-
-
-def detect_rank() -> int | None:
-    """The rank the launcher gave this process: RANK, LOCAL_RANK, the rank argument of
-    torch.multiprocessing.spawn, or the torch_xla ordinal."""
-    for name in _RANK_VARIABLES:
-        value = os.environ.get(name, "").strip()
-        if value.lstrip("-").isdigit():
-            return int(value)
-    rank = _torch_spawn_rank()
-    if rank is not None:
-        return rank
-    return _xla_ordinal()
-
-
-def _xla_ordinal() -> int | None:
-    """This thread's torch_xla ordinal, if torch_xla is loaded and its runtime already running.
-    Asking earlier would start the runtime, and xmp.spawn refuses to run after that."""
-    xla = sys.modules.get("torch_xla")
-    xla_runtime = sys.modules.get("torch_xla.runtime")
-    if xla is None or xla_runtime is None:
-        return None
-    try:
-        if not xla._XLAC._xla_runtime_is_initialized():
-            return None
-        return int(xla_runtime.global_ordinal())
-    except Exception:
-        return None
 
 
 _child_handlers: list[Callable[[], None]] = []

@@ -9,16 +9,18 @@ OUT, ERR = 0, 1
 
 
 def reader() -> LaneReader:
-    return LaneReader(pid=42, start_us=1, rank=3, tag="[rank3] ")
+    return LaneReader(pid=42, start_us=1, rank=3)
 
 
-def data(stream: int, payload: bytes, t: int = 1, thread: int = 1
-         ) -> tuple[int, int, int, bytes, int]:
-    return (stream, 0, t, payload, thread)
+Raw = tuple[int, int, int, bytes, int, int]
 
 
-def flush(stream: int, thread: int = 1) -> tuple[int, int, int, bytes, int]:
-    return (stream, _ring.FLAG_FLUSH, 9, b"", thread)
+def data(stream: int, payload: bytes, t: int = 1, thread: int = 1, rank: int = -1) -> Raw:
+    return (stream, 0, t, payload, thread, rank)
+
+
+def flush(stream: int, thread: int = 1) -> Raw:
+    return (stream, _ring.FLAG_FLUSH, 9, b"", thread, -1)
 
 
 def texts(records: list[Record]) -> list[tuple[str, str]]:
@@ -112,3 +114,20 @@ def test_a_flush_by_one_thread_delivers_every_threads_partial_line() -> None:
     r = reader()
     out = r.feed([data(OUT, b"a", thread=1), data(OUT, b"b", thread=2), flush(OUT, thread=3)])
     assert texts(out) == [("stdout", "ab")]  # both partial lines, in the order first written
+
+
+def test_threads_with_ranks_of_their_own_are_tagged_by_them() -> None:
+    """torch_xla on the CPU: ranks are threads of one process."""
+    r = LaneReader(pid=7, start_us=1, rank=None)
+    out = r.feed([data(OUT, b"xla: 0 start\n", thread=1, rank=0),
+                  data(OUT, b"xla: 1 start\n", thread=2, rank=1),
+                  data(OUT, b"no rank\n", thread=3)])
+    assert [(x.tag, x.rank, x.text) for x in out] == [
+        ("[rank0] ", 0, "xla: 0 start\n"), ("[rank1] ", 1, "xla: 1 start\n"),
+        ("[pid7] ", None, "no rank\n")]
+
+
+def test_the_masters_own_lines_are_untagged_unless_a_thread_has_a_rank() -> None:
+    r = LaneReader(pid=7, start_us=1, rank=None, master=True)
+    out = r.feed([data(OUT, b"plain\n"), data(OUT, b"ranked\n", thread=2, rank=5)])
+    assert [(x.tag, x.text) for x in out] == [("", "plain\n"), ("[rank5] ", "ranked\n")]

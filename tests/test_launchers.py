@@ -83,7 +83,7 @@ def test_torch_xla_spawn_on_the_cpu_prints_reach_the_master(tmp_path, start_meth
 
             def on_output(record):
                 for line in record.text.splitlines(keepends=True):
-                    log.write(f"{{record.pid}} {{line}}")
+                    log.write(f"{{record.pid}}\t{{record.tag}}\t{{line}}")
                 log.flush()
 
             with safe_redirect.install(on_output=on_output):
@@ -99,10 +99,11 @@ def test_torch_xla_spawn_on_the_cpu_prints_reach_the_master(tmp_path, start_meth
                           timeout=500, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "can only test a child process" not in done.stderr
-    lines = [line.split(" ", 1)[1] for line in log.read_text().splitlines()]
-    assert sorted(x for x in lines if x.startswith("xla:")) == sorted(
-        f"xla: {r} start train model" for r in range(4))
-    assert "master: training done" in lines
-    worker_pids = {int(line.split(" ", 1)[0]) for line in log.read_text().splitlines()
-                   if "xla:" in line}
-    assert os.getpid() not in worker_pids
+    rows = [line.split("\t", 2) for line in log.read_text().splitlines()]
+    xla = sorted((tag, text) for _, tag, text in rows if text.startswith("xla:"))
+    # each rank thread's line arrives whole, once, tagged with that thread's ordinal
+    assert xla == [(f"[rank{r}] ", f"xla: {r} start train model") for r in range(4)], (
+        rows, done.stdout[-2000:], done.stderr[-2000:])
+    assert ("", "master: training done") in [(tag, text) for _, tag, text in rows]
+    worker_pids = {int(pid) for pid, _, text in rows if text.startswith("xla:")}
+    assert len(worker_pids) == 1 and os.getpid() not in worker_pids

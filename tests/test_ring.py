@@ -35,7 +35,7 @@ def claim(ring: Ring, pid: int = 0) -> _ring.Producer:
 
 
 def read_all(ring: Ring, lane: int) -> list[tuple[int, int, bytes]]:
-    return [(stream, flags, payload) for stream, flags, _, payload, _ in
+    return [(stream, flags, payload) for stream, flags, _, payload, *_ in
             ring.segment.read(lane, 1 << 62)]
 
 
@@ -124,7 +124,7 @@ def test_claims_from_many_processes_get_distinct_lanes() -> None:
         owners = {ring.lane_info(lane).owner_pid for lane in busy}
         assert owners == set(pids)
         for lane in busy:  # each lane holds exactly its owner's record
-            payload = b"".join(p for _, _, _, p, _ in ring.segment.read(lane, 1 << 62))
+            payload = b"".join(p for _, _, _, p, *_ in ring.segment.read(lane, 1 << 62))
             assert payload == f"{ring.lane_info(lane).owner_pid}\n".encode()
         assert ring.segment.claim(os.getpid(), 1, -1) == -1
         assert ring.segment.lane_misses == 1
@@ -157,7 +157,7 @@ def test_a_producer_process_and_a_consumer_agree_byte_for_byte() -> None:
         deadline = time.monotonic() + 60
         while len(got) < len(expected) and time.monotonic() < deadline:
             for lane in ring.segment.busy_lanes():
-                got += b"".join(p for _, _, _, p, _ in ring.segment.read(lane, 1 << 62))
+                got += b"".join(p for _, _, _, p, *_ in ring.segment.read(lane, 1 << 62))
             ring.segment.wait(0.01)
         assert wait_pid(pid, 30) == 0
         assert bytes(got) == expected
@@ -217,14 +217,14 @@ def test_any_interleaving_of_writes_and_reads_delivers_the_bytes_in_order(ops) -
         sent, got = bytearray(), bytearray()
         for op in ops:
             if op is None:
-                got += b"".join(x for _, _, _, x, _ in ring.segment.read(0, 1 << 62))
+                got += b"".join(x for _, _, _, x, *_ in ring.segment.read(0, 1 << 62))
                 continue
             sent += op
             offset = p.append(0, 0, op)
             while offset < len(op):
-                got += b"".join(x for _, _, _, x, _ in ring.segment.read(0, 1 << 62))
+                got += b"".join(x for _, _, _, x, *_ in ring.segment.read(0, 1 << 62))
                 offset += p.append(0, 0, op[offset:])
-        got += b"".join(x for _, _, _, x, _ in ring.segment.read(0, 1 << 62))
+        got += b"".join(x for _, _, _, x, *_ in ring.segment.read(0, 1 << 62))
         assert bytes(got) == bytes(sent)
     finally:
         ring.close()

@@ -612,3 +612,32 @@ def test_at_exit_children_still_printing_are_waited_for(tmp_path) -> None:
     result = run_python(script, timeout=60)
     assert result.returncode == 0, result.stderr
     assert log.read_text().splitlines() == [f"late child line {i}" for i in range(40)]
+
+
+def test_threads_with_ranks_of_their_own_are_tagged_by_them(capture) -> None:
+    session, records = capture
+
+    def child() -> None:
+        def rank_thread(rank: int) -> None:
+            safe_redirect.set_thread_rank(rank)
+            for i in range(100):
+                print(f"thread rank {rank} line {i}")
+
+        threads = [threading.Thread(target=rank_thread, args=(r,)) for r in range(3)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        print("the main thread has no rank")
+
+    pid = fork_call(child)
+    assert wait_pid(pid, 60) == 0
+    assert session.flush(timeout=30)
+    for rank in range(3):
+        mine = [line for r in records if r.pid == pid and r.rank == rank
+                for line in r.text.splitlines()]
+        assert mine == [f"thread rank {rank} line {i}" for i in range(100)]
+        assert {r.tag for r in records if r.pid == pid and r.rank == rank} == {f"[rank{rank}] "}
+    plain = [r for r in records if r.pid == pid and r.rank is None]
+    assert [r.text for r in plain] == ["the main thread has no rank\n"]
+    assert plain[0].tag == f"[pid{pid}] "
