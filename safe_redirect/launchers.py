@@ -39,15 +39,15 @@ def _torch_spawn_rank() -> int | None:
     return rank if isinstance(rank, int) else None
 
 
-def detect_rank() -> int | None:
+def detect_rank(thread: bool = True) -> int | None:
     """The rank the launcher gave this process: RANK, LOCAL_RANK, the rank argument of
-    torch.multiprocessing.spawn, or the torch_xla ordinal."""
+    torch.multiprocessing.spawn, or (with `thread`) the calling thread's torch_xla ordinal."""
     for name in _RANK_VARIABLES:
         value = os.environ.get(name, "").strip()
         if value.lstrip("-").isdigit():
             return int(value)
     rank = _torch_spawn_rank()
-    if rank is not None:
+    if rank is not None or not thread:
         return rank
     return _xla_ordinal()
 

@@ -23,7 +23,7 @@ from safe_redirect import _ring
 from safe_redirect.drain import Drain, Record
 from safe_redirect.fdcapture import FdCapture, reopen_terminal
 from safe_redirect.hooks import StreamHooks, reaim_in_child
-from safe_redirect.launchers import detect_rank, watch_torch_xla
+from safe_redirect.launchers import detect_rank, set_thread_rank, watch_torch_xla
 from safe_redirect.ring import Producer, Ring, sweep_orphaned_segments
 from safe_redirect.spawn import AttachInfo, ensure_pth, export, unexport
 from safe_redirect.stamp import (
@@ -161,6 +161,7 @@ class Session:
             # of our own (there is no first write to wait for).
             reopen_terminal(info.master_pid, info.terminal_fds, self._hooks.streams)
             self._become_child()
+            _drain_pumps_of_multiprocessing_children(self)  # a forkserver forks from here
         else:
             self._hooks.install(self._ring.segment.placeholder())
         self._register()
@@ -377,10 +378,13 @@ class Session:
             self._fd.sync(timeout=1.0)
 
     def _capture_fd(self, stream: int, data: bytes) -> None:
-        """The fd pump's way into the lane (on the pump thread)."""
+        """The fd pump's way into the lane (on the pump thread). The lane was claimed at fork or
+        at start-up, before a launcher had set the rank (RANK set by the worker itself, the
+        argument of torch.multiprocessing.spawn): the pump reads it for every chunk."""
         producer = self._producer
         if producer is None:
             return
+        set_thread_rank(detect_rank(thread=False))
         written = producer.append(stream, 0, data)
         if 0 <= written < len(data):
             self._append_rest(producer, stream, data[written:])

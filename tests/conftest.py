@@ -61,12 +61,12 @@ def run_python(code: str, timeout: float = 60.0, **kwargs: Any) -> subprocess.Co
         pytest.fail(f"script hung for {timeout} s; stderr: {exc.stderr!r}")
 
 
-def run_python_file(path: Any, code: str, timeout: float = 60.0,
+def run_python_file(path: Any, code: str, timeout: float = 60.0, args: tuple[str, ...] = (),
                     **kwargs: Any) -> subprocess.CompletedProcess[str]:
     """Like run_python, from a file: multiprocessing's spawn re-imports the main module."""
     path.write_text(textwrap.dedent(code))
     try:
-        return subprocess.run([sys.executable, str(path)], capture_output=True, text=True,
+        return subprocess.run([sys.executable, str(path), *args], capture_output=True, text=True,
                               timeout=timeout, **kwargs)
     except subprocess.TimeoutExpired as exc:
         pytest.fail(f"script hung for {timeout} s; stderr: {exc.stderr!r}")

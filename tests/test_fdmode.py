@@ -72,8 +72,9 @@ def test_forked_childrens_c_level_output_arrives_once_tagged() -> None:
                 *(f"child {n} os.write {i}" for i in range(50)), f"child {n} libc",
                 f"child {n} print"]
             assert by_origin[(child.pid, "stderr")] == [f"child {n} stderr"]
-        # rank is read when the lane is claimed: at fork, before the child set RANK
-        assert all(r.pid in {c.pid for c in children} | {os.getpid()} for r in records)
+        for n, child in enumerate(children):
+            # the pump reads the rank with every chunk: the child set RANK after the fork
+            assert {r.tag for r in records if r.pid == child.pid} == {f"[rank{n}] "}
 
 
 def test_a_child_killed_right_after_writing_loses_nothing() -> None:
