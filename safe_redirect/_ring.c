@@ -181,6 +181,24 @@ static void futex_wake_all(_Atomic uint32_t *word) {
 #endif
 }
 
+/* Sleep while *word == seq, at most `timeout` seconds, with the GIL released. Without futexes
+ * (not Linux) it just sleeps: polling, bounded by the timeout. */
+static void futex_wait_released(_Atomic uint32_t *word, uint32_t seq, double timeout) {
+    if (timeout <= 0) return;
+    struct timespec ts;
+    ts.tv_sec = (time_t)timeout;
+    ts.tv_nsec = (long)((timeout - (double)ts.tv_sec) * 1e9);
+    Py_BEGIN_ALLOW_THREADS
+#ifdef __linux__
+    syscall(SYS_futex, (uint32_t *)word, FUTEX_WAIT, seq, &ts, NULL, 0);
+#else
+    (void)word;
+    (void)seq;
+    nanosleep(&ts, NULL);
+#endif
+    Py_END_ALLOW_THREADS
+}
+
 static void ring_bell(seg_header *seg) {
     atomic_fetch_add(&seg->bell, 1);
     futex_wake_all(&seg->bell);
@@ -596,19 +614,7 @@ static PyObject *Segment_wait(SegmentObject *self, PyObject *arg) {
         atomic_store(&hdr->sleeping, 0u);
         Py_RETURN_TRUE;
     }
-    if (timeout > 0) {
-        struct timespec ts;
-        ts.tv_sec = (time_t)timeout;
-        ts.tv_nsec = (long)((timeout - (double)ts.tv_sec) * 1e9);
-        Py_BEGIN_ALLOW_THREADS
-#ifdef __linux__
-        syscall(SYS_futex, (uint32_t *)&hdr->bell, FUTEX_WAIT, seq, &ts, NULL, 0);
-#else
-        (void)seq;
-        nanosleep(&ts, NULL); /* no futex: plain polling, bounded by the timeout */
-#endif
-        Py_END_ALLOW_THREADS
-    }
+    futex_wait_released(&hdr->bell, seq, timeout);
     atomic_store(&hdr->sleeping, 0u);
     Py_RETURN_FALSE;
 }
@@ -816,19 +822,7 @@ static PyObject *Producer_wait_space(ProducerObject *self, PyObject *args) {
         atomic_store(&lane->space_waiting, 0u);
         Py_RETURN_TRUE;
     }
-    if (timeout > 0) {
-        struct timespec ts;
-        ts.tv_sec = (time_t)timeout;
-        ts.tv_nsec = (long)((timeout - (double)ts.tv_sec) * 1e9);
-        Py_BEGIN_ALLOW_THREADS
-#ifdef __linux__
-        syscall(SYS_futex, (uint32_t *)&lane->space_bell, FUTEX_WAIT, seq, &ts, NULL, 0);
-#else
-        (void)seq;
-        nanosleep(&ts, NULL);
-#endif
-        Py_END_ALLOW_THREADS
-    }
+    futex_wait_released(&lane->space_bell, seq, timeout);
     atomic_store(&lane->space_waiting, 0u);
     used = atomic_load(&lane->tail) - atomic_load(&lane->head);
     return PyBool_FromLong(cap - used >= need);

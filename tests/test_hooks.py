@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import sys
@@ -49,6 +50,25 @@ def foreign() -> Iterator[ForeignWriter]:
         del sys.stdout.write
 
 
+@contextlib.contextmanager
+def session_with_foreign(foreign: ForeignWriter, when: str,
+                         records: list[Record]) -> Iterator[safe_redirect.Session]:
+    """A session, with the foreign writer patched in before or after it; undone in reverse."""
+    if when == "before":
+        foreign.install()
+    session = safe_redirect.install(on_output=records.append)
+    if when == "after":
+        foreign.install()
+    try:
+        yield session
+    finally:
+        if when == "after":
+            del sys.stdout.write
+        session.uninstall()
+        if when == "before":
+            del sys.stdout.write
+
+
 def _child_prints() -> None:
     print(f"child {os.getpid()} prints")
 
@@ -56,22 +76,11 @@ def _child_prints() -> None:
 @pytest.mark.parametrize("when", ["before", "after"])
 def test_a_writer_the_master_patched_in_never_runs_in_a_child(foreign, when) -> None:
     records: list[Record] = []
-    if when == "before":
-        foreign.install()
-    session = safe_redirect.install(on_output=records.append)
-    if when == "after":
-        foreign.install()
-    try:
+    with session_with_foreign(foreign, when, records) as session:
         print("master prints")
         pid = fork_call(_child_prints)
         assert wait_pid(pid, 30) == 0
         assert session.flush(timeout=10)
-    finally:
-        if when == "after":
-            del sys.stdout.write
-        session.uninstall()
-        if when == "before":
-            del sys.stdout.write
     assert lines_by_origin(records)[(pid, "stdout")] == [f"child {pid} prints"]
     assert set(foreign.callers()) == {os.getpid()}  # still runs in the master, never in a child
 
@@ -83,12 +92,7 @@ def test_a_fork_made_by_c_code_runs_the_masters_writer_at_most_once(foreign, whe
     patched in *above* ours is called before we are, so it runs once, for the first write, and
     never again: that first call re-aims the hooks and puts ours back on top."""
     records: list[Record] = []
-    if when == "before":
-        foreign.install()
-    session = safe_redirect.install(on_output=records.append)
-    if when == "after":
-        foreign.install()
-    try:
+    with session_with_foreign(foreign, when, records) as session:
         pid = ctypes.CDLL(None).fork()
         if pid == 0:
             try:
@@ -99,12 +103,6 @@ def test_a_fork_made_by_c_code_runs_the_masters_writer_at_most_once(foreign, whe
                 os._exit(0)
         assert wait_pid(pid, 30) == 0
         assert session.flush(timeout=10)
-    finally:
-        if when == "after":
-            del sys.stdout.write
-        session.uninstall()
-        if when == "before":
-            del sys.stdout.write
     in_child = foreign.callers().count(pid)
     assert in_child == (0 if when == "before" else 1)
     assert lines_by_origin(records)[(pid, "stdout")] == [
