@@ -73,6 +73,7 @@
 #define KIND_TEXT 0
 #define KIND_BYTES 1
 #define KIND_FLUSH 2
+#define KIND_BUFFER_FLUSH 3 /* a buffer's flush: a no-op for us inside a text-layer call */
 
 typedef struct {
     uint64_t magic;
@@ -714,7 +715,6 @@ typedef struct {
     long index;
     uint64_t generation; /* fork generation of the process that claimed the lane */
     int detached;        /* the lane is closed or the segment is gone: capture nothing more */
-    unsigned dirty;      /* bit per stream: data appended since the last flush marker */
 } ProducerObject;
 
 static PyObject *Segment_producer(SegmentObject *self, PyObject *arg) {
@@ -730,7 +730,6 @@ static PyObject *Segment_producer(SegmentObject *self, PyObject *arg) {
     p->index = i;
     p->generation = atomic_load(&fork_generation);
     p->detached = 0;
-    p->dirty = 0;
     return (PyObject *)p;
 }
 
@@ -744,7 +743,6 @@ static PyObject *Segment_placeholder(SegmentObject *self, PyObject *unused) {
     p->index = -1;
     p->generation = UINT64_MAX; /* never the current generation: the first write attaches */
     p->detached = 1;
-    p->dirty = 0;
     return (PyObject *)p;
 }
 
@@ -762,14 +760,7 @@ static int64_t producer_append(ProducerObject *p, unsigned stream, unsigned flag
                                uint64_t len) {
     if (!producer_live(p)) return -1;
     int64_t n = ring_append(p->segment->hdr, p->lane, stream, flags, buf, len);
-    if (n < 0) {
-        p->detached = 1;
-    } else if (n > 0 || len == 0) {
-        if (flags & FLAG_FLUSH)
-            p->dirty &= ~(1u << stream);
-        else
-            p->dirty |= 1u << stream;
-    }
+    if (n < 0) p->detached = 1;
     return n;
 }
 
@@ -936,7 +927,6 @@ static int hook_capture(HookObject *self, const char *buf, uint64_t len, unsigne
     ProducerObject *p = (ProducerObject *)self->producer;
     if (p->generation != atomic_load_explicit(&fork_generation, memory_order_relaxed))
         return 0; /* never write into a lane of another process */
-    if ((flags & FLAG_FLUSH) && !(p->dirty & (1u << self->stream))) return 0;
     int64_t n = producer_append(p, (unsigned)self->stream, flags, buf, len);
     if (n < 0 || (uint64_t)n == len) return 0;
     PyObject *rest = PyBytes_FromStringAndSize(buf + n, (Py_ssize_t)(len - (uint64_t)n));
@@ -956,17 +946,18 @@ static PyObject *hook_vectorcall(PyObject *op, PyObject *const *args, size_t nar
     Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
     PyObject *result;
     hook_check_fork(self);
-    if (self->kind == KIND_BYTES && text_depth > 0) {
-        /* TextIOWrapper flushing text we already captured at the text layer. */
+    int buffer_layer = self->kind == KIND_BYTES || self->kind == KIND_BUFFER_FLUSH;
+    if (buffer_layer && text_depth > 0) {
+        /* TextIOWrapper handing on text (or a flush) we already captured at the text layer. */
         return PyObject_Vectorcall(self->target, args, nargsf, kwnames);
     }
-    if (self->kind != KIND_BYTES) text_depth++;
+    if (!buffer_layer) text_depth++;
     result = PyObject_Vectorcall(self->target, args, nargsf, kwnames);
-    if (self->kind != KIND_BYTES) text_depth--;
+    if (!buffer_layer) text_depth--;
     if (!result || self->producer == Py_None) return result;
 
     int ok = 0;
-    if (self->kind == KIND_FLUSH) {
+    if (self->kind == KIND_FLUSH || self->kind == KIND_BUFFER_FLUSH) {
         ok = hook_capture(self, "", 0, FLAG_FLUSH);
     } else if (nargs == 1 && kwnames == NULL) {
         PyObject *data = args[0];
@@ -1013,8 +1004,8 @@ static int Hook_init(HookObject *self, PyObject *args, PyObject *kwds) {
         PyErr_SetString(PyExc_TypeError, "producer must be a Producer or None");
         return -1;
     }
-    if (stream < 0 || stream > 7 || kind < KIND_TEXT || kind > KIND_FLUSH) {
-        PyErr_SetString(PyExc_ValueError, "stream must be 0..7 and kind 0..2");
+    if (stream < 0 || stream > 7 || kind < KIND_TEXT || kind > KIND_BUFFER_FLUSH) {
+        PyErr_SetString(PyExc_ValueError, "stream must be 0..7 and kind 0..3");
         return -1;
     }
     Py_XSETREF(self->target, Py_NewRef(target));
@@ -1165,7 +1156,8 @@ PyMODINIT_FUNC PyInit__ring(void) {
         PyModule_AddIntConstant(m, "FLAG_FLUSH", FLAG_FLUSH) < 0 ||
         PyModule_AddIntConstant(m, "KIND_TEXT", KIND_TEXT) < 0 ||
         PyModule_AddIntConstant(m, "KIND_BYTES", KIND_BYTES) < 0 ||
-        PyModule_AddIntConstant(m, "KIND_FLUSH", KIND_FLUSH) < 0)
+        PyModule_AddIntConstant(m, "KIND_FLUSH", KIND_FLUSH) < 0 ||
+        PyModule_AddIntConstant(m, "KIND_BUFFER_FLUSH", KIND_BUFFER_FLUSH) < 0)
         goto fail;
     if (!fork_handler_registered) {
         if (pthread_atfork(NULL, NULL, after_fork_in_child) != 0) {

@@ -11,6 +11,7 @@ FLAG_FLUSH: int
 KIND_TEXT: int
 KIND_BYTES: int
 KIND_FLUSH: int
+KIND_BUFFER_FLUSH: int
 
 def format(
     buffer: object, nlanes: int, lane_bytes: int, master_pid: int, master_start: int, /

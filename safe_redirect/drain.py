@@ -122,17 +122,17 @@ class LaneReader:
                 out.append(record)
 
         for stream, flags, time_ns, payload, thread, thread_rank in records:
-            if flags & _ring.FLAG_FLUSH:  # a flush is the stream's, whichever thread called it
-                for (flushed, _), other in self._streams.items():
-                    if flushed == stream:
-                        text = other.partial + other.decoder.decode(b"", final=True)
-                        if text:
-                            emit(stream, text, other.partial_time or time_ns, other.rank)
-                        other.partial = ""
-                continue
             state = self._streams.get((stream, thread))
             if state is None:
                 state = self._streams[(stream, thread)] = _StreamState()
+            if flags & _ring.FLAG_FLUSH:
+                # The flushing thread's partial line only: another thread's may be half written
+                # (print(..., flush=True) from rank threads); it waits for its own end.
+                text = state.partial + state.decoder.decode(b"", final=True)
+                if text:
+                    emit(stream, text, state.partial_time or time_ns, state.rank)
+                state.partial = ""
+                continue
             text = state.decoder.decode(payload)
             if not text:
                 continue
@@ -199,8 +199,8 @@ class Drain:
         self.errors = 0
 
     @property
-    def thread_ident(self) -> int | None:
-        return self._thread.ident if self._thread else None
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
 
     def start(self) -> int:
         self._thread = threading.Thread(target=self._run, name="safe_redirect-drain", daemon=True)

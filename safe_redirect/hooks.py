@@ -121,7 +121,7 @@ _TARGETS: tuple[tuple[str, str, int], ...] = (
     ("text", "write", _ring.KIND_TEXT),
     ("text", "flush", _ring.KIND_FLUSH),
     ("buffer", "write", _ring.KIND_BYTES),
-    ("buffer", "flush", _ring.KIND_FLUSH),
+    ("buffer", "flush", _ring.KIND_BUFFER_FLUSH),
 )
 
 

@@ -454,7 +454,7 @@ class Session:
 
     def _reader_alive(self) -> bool:
         if self.state is State.INSTALLED:
-            return self._drain is not None and self._drain.thread_ident is not None
+            return self._drain is not None and self._drain.alive
         return not self._ring.unlink_if_orphaned()
 
     def _spill(self, producer: Producer, rest: bytes) -> None:

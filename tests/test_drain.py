@@ -110,10 +110,13 @@ def test_lines_are_rebuilt_per_thread_so_threads_never_splice_a_line() -> None:
     assert texts(out) == [("stdout", "xla: 2 start\nxla: 3 start\n")]
 
 
-def test_a_flush_by_one_thread_delivers_every_threads_partial_line() -> None:
+def test_a_flush_delivers_the_flushing_threads_partial_line_only() -> None:
+    """Rank threads that print(..., flush=True) at once must not cut each other's lines."""
     r = reader()
-    out = r.feed([data(OUT, b"a", thread=1), data(OUT, b"b", thread=2), flush(OUT, thread=3)])
-    assert texts(out) == [("stdout", "ab")]  # both partial lines, in the order first written
+    out = r.feed([data(OUT, b"rank 1 line", thread=1), data(OUT, b"rank 2 line\n", thread=2),
+                  flush(OUT, thread=2), data(OUT, b"\n", thread=1), flush(OUT, thread=1)])
+    assert texts(out) == [("stdout", "rank 2 line\nrank 1 line\n")]
+    assert r.feed([data(OUT, b"prompt> ", thread=3), flush(OUT, thread=3)]) != []
 
 
 def test_threads_with_ranks_of_their_own_are_tagged_by_them() -> None:

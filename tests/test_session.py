@@ -641,3 +641,29 @@ def test_threads_with_ranks_of_their_own_are_tagged_by_them(capture) -> None:
     plain = [r for r in records if r.pid == pid and r.rank is None]
     assert [r.text for r in plain] == ["the main thread has no rank\n"]
     assert plain[0].tag == f"[pid{pid}] "
+
+
+def test_threads_printing_with_flush_never_cut_each_others_lines(capture) -> None:
+    """print(..., flush=True) from several threads: a flush must not deliver another thread's
+    half-written line (seen with torch_xla's rank threads)."""
+    session, records = capture
+
+    def child() -> None:
+        def spam(t: int) -> None:
+            for i in range(500):
+                print(f"flushing thread {t} line {i}", flush=True)
+
+        threads = [threading.Thread(target=spam, args=(t,)) for t in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+
+    pid = fork_call(child)
+    assert wait_pid(pid, 60) == 0
+    assert session.flush(timeout=30)
+    lines = lines_by_origin(records)[(pid, "stdout")]
+    for t in range(4):
+        assert [x for x in lines if x.startswith(f"flushing thread {t} ")] == [
+            f"flushing thread {t} line {i}" for i in range(500)]
+    assert len(lines) == 2000
