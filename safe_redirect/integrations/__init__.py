@@ -1,0 +1,1 @@
+"""Drop-in replacements for the console capture of other libraries."""

@@ -1,0 +1,173 @@
+"""wandb drop-in: fork-safe replacements for the classes of `wandb.sdk.lib.redirect`.
+
+wandb captures a run's console with `StreamRawWrapper` (console="wrap"), `StreamWrapper`
+("wrap_emu") and `Redirect` ("redirect"): `Class(src, cbs=(), **kwargs)`, `install()`,
+`uninstall()`, each callback `cb(data)`. `patch_wandb()` swaps in classes with that contract that
+run on one safe_redirect session per process: every child's lines reach the run's callbacks in the
+master, tagged by rank, and no child ever runs a wandb callback.
+
+wandb's `Run.finish` marks the run finished *before* it stops the console hooks, and the wrap
+callback refuses data from then on; so `patch_wandb()` also makes `finish` deliver every lane
+first.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from safe_redirect.drain import Record
+from safe_redirect.session import Session, install
+
+__all__ = ["Redirect", "StreamRawWrapper", "StreamWrapper", "patch_wandb", "unpatch_wandb"]
+
+_logger = logging.getLogger(__name__)
+
+Callback = Callable[[Any], Any]
+
+
+class _SharedCapture:
+    """The one session of this process for a console mode, shared by a run's stdout and stderr
+    redirect objects; records go to the callbacks registered for their stream."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+        self.callbacks: dict[str, list[Callback]] = {"stdout": [], "stderr": []}
+        self.session: Session | None = None
+
+    def add(self, stream: str, callback: Callback) -> None:
+        if self.session is None or self.session.state.value == "uninstalled":
+            self.session = install(on_output=self._dispatch, mode=self.mode)
+        self.callbacks[stream].append(callback)
+
+    def remove(self, stream: str, callback: Callback) -> None:
+        if callback in self.callbacks[stream]:
+            self.callbacks[stream].remove(callback)
+        if self.session is not None and not any(self.callbacks.values()):
+            self.session.uninstall()
+            self.session = None
+
+    def flush(self) -> None:
+        if self.session is not None:
+            self.session.flush(timeout=10.0)
+
+    def _dispatch(self, record: Record) -> None:
+        text = record.tagged()
+        for callback in list(self.callbacks.get(record.stream, ())):
+            try:
+                callback(text)
+            except Exception:
+                _logger.exception("error in a wandb console callback")
+
+
+_captures = {mode: _SharedCapture(mode) for mode in ("wrap", "fd")}
+
+
+class _SafeRedirect:
+    """wandb's RedirectBase contract on a shared safe_redirect session."""
+
+    mode = "wrap"
+    as_bytes = False  # what wandb's callbacks for this class take: str, or UTF-8 bytes
+
+    def __init__(self, src: str, cbs: Iterable[Callback] = (), **_options: Any) -> None:
+        if src not in ("stdout", "stderr"):
+            raise ValueError(f"src must be 'stdout' or 'stderr', not {src!r}")
+        self.src = src
+        self.cbs = tuple(cbs)
+        self._installed = False
+
+    @property
+    def src_stream(self) -> Any:
+        return getattr(sys, f"__{self.src}__")
+
+    @property
+    def src_fd(self) -> int:
+        fd: int = self.src_stream.fileno()
+        return fd
+
+    @property
+    def src_wrapped_stream(self) -> Any:
+        return getattr(sys, self.src)
+
+    def _deliver(self, text: str) -> None:
+        data = text.encode("utf-8") if self.as_bytes else text
+        for callback in self.cbs:
+            callback(data)
+
+    def install(self) -> None:
+        if not self._installed:
+            _captures[self.mode].add(self.src, self._deliver)
+            self._installed = True
+
+    def flush(self, data: str | None = None) -> None:
+        if data:
+            self._deliver(data)
+        _captures[self.mode].flush()
+
+    def uninstall(self) -> None:
+        if self._installed:
+            _captures[self.mode].flush()
+            _captures[self.mode].remove(self.src, self._deliver)
+            self._installed = False
+
+
+class StreamRawWrapper(_SafeRedirect):
+    """console="wrap": Python-level writes, raw text to the callbacks."""
+
+
+class StreamWrapper(_SafeRedirect):
+    """console="wrap_emu": wandb ran a terminal emulator over the text; lines arrive whole
+    here already (`\\r` kept), and go to its callbacks as UTF-8 bytes, as the emulator's did."""
+
+    as_bytes = True
+
+
+class Redirect(_SafeRedirect):
+    """console="redirect": fd-level capture (C extensions, os.system), without a pty."""
+
+    mode = "fd"
+    as_bytes = True
+
+
+_REPLACEMENTS = {"StreamRawWrapper": StreamRawWrapper, "StreamWrapper": StreamWrapper,
+                 "Redirect": Redirect}
+_originals: dict[str, Any] = {}
+
+
+def _flush_before_finish(finish: Callable[..., Any]) -> Callable[..., Any]:
+    def finish_after_delivering(run: Any, *args: Any, **kwargs: Any) -> Any:
+        for capture in _captures.values():
+            capture.flush()  # while the run still accepts console data
+        return finish(run, *args, **kwargs)
+
+    finish_after_delivering.__wrapped__ = finish  # type: ignore[attr-defined]
+    finish_after_delivering.__doc__ = finish.__doc__
+    return finish_after_delivering
+
+
+def patch_wandb() -> None:
+    """Make wandb's console capture fork-safe. Idempotent; `unpatch_wandb()` undoes it."""
+    if _originals:
+        return
+    from wandb.sdk import wandb_run
+    from wandb.sdk.lib import redirect
+
+    for name, replacement in _REPLACEMENTS.items():
+        _originals[name] = getattr(redirect, name)
+        setattr(redirect, name, replacement)
+    _originals["Run.finish"] = wandb_run.Run.finish
+    wandb_run.Run.finish = _flush_before_finish(wandb_run.Run.finish)  # type: ignore[method-assign]
+
+
+def unpatch_wandb() -> None:
+    """Put wandb's own classes back (runs started since keep the classes they have)."""
+    if not _originals:
+        return
+    from wandb.sdk import wandb_run
+    from wandb.sdk.lib import redirect
+
+    wandb_run.Run.finish = _originals.pop("Run.finish")  # type: ignore[method-assign]
+    for name in _REPLACEMENTS:
+        setattr(redirect, name, _originals.pop(name))
