@@ -9,15 +9,13 @@ that xmp.spawn calls in every rank thread before the user's function is wrapped 
 
 from __future__ import annotations
 
-import importlib.abc
-import importlib.machinery
 import os
 import sys
-from collections.abc import Sequence
 from types import ModuleType
 from typing import Any
 
 from safe_redirect import _ring
+from safe_redirect.import_hooks import when_imported
 
 __all__ = ["detect_rank", "set_thread_rank", "watch_torch_xla"]
 
@@ -89,36 +87,6 @@ def _patch_xla_runtime(runtime: ModuleType) -> None:
     runtime._init_world_size_ordinal = init_world_size_ordinal  # type: ignore[attr-defined]
 
 
-class _XlaRuntimeWatcher(importlib.abc.MetaPathFinder):
-    """Patches torch_xla.runtime right after it is executed, whoever imports it."""
-
-    def find_spec(self, fullname: str, path: Sequence[str] | None,
-                  target: ModuleType | None = None) -> importlib.machinery.ModuleSpec | None:
-        if fullname != _XLA_RUNTIME:
-            return None
-        for finder in sys.meta_path:
-            if finder is self or not hasattr(finder, "find_spec"):
-                continue
-            spec = finder.find_spec(fullname, path, target)
-            if spec is not None and spec.loader is not None:
-                spec.loader.exec_module = _then_patch(  # type: ignore[method-assign]
-                    spec.loader.exec_module)
-                return spec
-        return None
-
-
-def _then_patch(exec_module: Any) -> Any:
-    def exec_and_patch(module: ModuleType) -> None:
-        exec_module(module)
-        _patch_xla_runtime(module)
-
-    return exec_and_patch
-
-
 def watch_torch_xla() -> None:
     """Tag torch_xla's rank threads by their ordinal, whether torch_xla is loaded yet or not."""
-    runtime = sys.modules.get(_XLA_RUNTIME)
-    if runtime is not None:
-        _patch_xla_runtime(runtime)
-    elif not any(isinstance(finder, _XlaRuntimeWatcher) for finder in sys.meta_path):
-        sys.meta_path.insert(0, _XlaRuntimeWatcher())
+    when_imported(_XLA_RUNTIME, _patch_xla_runtime)

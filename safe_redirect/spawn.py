@@ -19,11 +19,15 @@ import site
 import sysconfig
 from dataclasses import asdict, dataclass
 
-__all__ = ["ENV_VAR", "PTH_LINE", "PTH_NAME", "AttachInfo", "ensure_pth", "export", "unexport"]
+__all__ = [
+    "ENV_VAR", "PATCH_VAR", "PTH_LINE", "PTH_NAME", "AttachInfo", "ensure_pth", "export",
+    "unexport",
+]
 
 ENV_VAR = "SAFE_REDIRECT_ATTACH"
+PATCH_VAR = "SAFE_REDIRECT_PATCH"  # "wandb": patch wandb in every process, no code change
 PTH_NAME = "safe_redirect.pth"
-PTH_LINE = (f"import os; {ENV_VAR!r} in os.environ and "
+PTH_LINE = (f"import os; ({ENV_VAR!r} in os.environ or {PATCH_VAR!r} in os.environ) and "
             "__import__('safe_redirect.bootstrap').bootstrap.process_startup()\n")
 
 

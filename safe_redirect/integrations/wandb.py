@@ -136,6 +136,42 @@ _REPLACEMENTS = {"StreamRawWrapper": StreamRawWrapper, "StreamWrapper": StreamWr
 _originals: dict[str, Any] = {}
 
 
+def _capture_function(stream: str) -> Callable[[Any], Callable[[], None]]:
+    """console_capture.capture_stdout / capture_stderr on the shared session: `callback(text,
+    written)` runs in the master, on the drain thread; the return value removes it."""
+
+    def capture(callback: Any) -> Callable[[], None]:
+        def deliver(text: str) -> None:
+            callback(text, len(text))
+
+        _captures["wrap"].add(stream, deliver)
+        return lambda: _captures["wrap"].remove(stream, deliver)
+
+    return capture
+
+
+def _take_console_capture_off(console_capture: Any) -> None:
+    """wandb's console_capture patches sys.stdout.write / sys.stderr.write at import, for good:
+    a lock, a context variable and a callback loop on every write of every process, its children
+    included. Put the writer it wrapped back, and serve its capture functions ourselves."""
+    for name in ("stdout", "stderr"):
+        stream: Any = getattr(sys, name, None)
+        patched: Any = getattr(stream, "__dict__", {}).get("write")
+        if stream is None or getattr(patched, "__qualname__", "") != (
+                "_patch.<locals>.write_with_callbacks"):
+            continue
+        cells = dict(zip(patched.__code__.co_freevars, patched.__closure__ or (), strict=False))
+        wrapped = cells["orig_write"].cell_contents if "orig_write" in cells else None
+        _originals[f"console_capture.{name}"] = (stream, patched)
+        if getattr(wrapped, "__self__", None) is stream:
+            delattr(stream, "write")  # it wrapped the stream's own method
+        elif wrapped is not None:
+            stream.write = wrapped
+    for name in ("capture_stdout", "capture_stderr"):
+        _originals[f"console_capture.{name}"] = getattr(console_capture, name)
+        setattr(console_capture, name, _capture_function(name.rsplit("_", 1)[1]))
+
+
 def _flush_before_finish(finish: Callable[..., Any]) -> Callable[..., Any]:
     def finish_after_delivering(run: Any, *args: Any, **kwargs: Any) -> Any:
         for capture in _captures.values():
@@ -152,8 +188,9 @@ def patch_wandb() -> None:
     if _originals:
         return
     from wandb.sdk import wandb_run
-    from wandb.sdk.lib import redirect
+    from wandb.sdk.lib import console_capture, redirect
 
+    _take_console_capture_off(console_capture)
     for name, replacement in _REPLACEMENTS.items():
         _originals[name] = getattr(redirect, name)
         setattr(redirect, name, replacement)
@@ -166,8 +203,14 @@ def unpatch_wandb() -> None:
     if not _originals:
         return
     from wandb.sdk import wandb_run
-    from wandb.sdk.lib import redirect
+    from wandb.sdk.lib import console_capture, redirect
 
     wandb_run.Run.finish = _originals.pop("Run.finish")  # type: ignore[method-assign]
     for name in _REPLACEMENTS:
         setattr(redirect, name, _originals.pop(name))
+    for name in ("capture_stdout", "capture_stderr"):
+        setattr(console_capture, name, _originals.pop(f"console_capture.{name}"))
+    for name in ("stdout", "stderr"):
+        if f"console_capture.{name}" in _originals:
+            stream, patched = _originals.pop(f"console_capture.{name}")
+            stream.write = patched

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
-from ..conftest import run_python_file
+from ..conftest import run_python, run_python_file
 
 wandb = pytest.importorskip("wandb", reason="wandb is not installed (extra: .[test])")
 
@@ -71,3 +73,53 @@ def test_without_the_patch_wandb_loses_the_childrens_lines(tmp_path) -> None:
     log = output_log(result)
     assert "master line" in log
     assert "child 0 line 0" not in log
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("how", ["import", "env"])
+def test_the_import_time_patch_and_the_environment_variable(tmp_path, how) -> None:
+    """`import safe_redirect.wandb`, or SAFE_REDIRECT_PATCH=wandb with no code change at all."""
+    script = SCRIPT.replace("    if patch == \"yes\":\n        safe_redirect.patch_wandb()\n",
+                            "    if patch == \"import\":\n        import safe_redirect.wandb\n")
+    assert script != SCRIPT
+    env = dict(os.environ)
+    if how == "env":
+        env["SAFE_REDIRECT_PATCH"] = "wandb"
+    result = run_python_file(tmp_path / "train.py", script, 240,
+                             args=("wrap", "fork", "import" if how == "import" else "no"),
+                             cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = output_log(result).splitlines()
+    for rank in range(3):
+        assert lines.count(f"[rank{rank}] child {rank} line 19") == 1
+
+
+@pytest.mark.timeout(120)
+def test_wandbs_import_time_write_hook_is_taken_off_and_put_back() -> None:
+    """console_capture wraps sys.stdout.write at import, for every process; patched, the plain
+    writer is back (no lock per print), and unpatch puts wandb's hook back."""
+    code = """
+        import sys
+        import wandb
+        import safe_redirect
+        before = sys.stdout.__dict__.get("write").__qualname__
+        safe_redirect.patch_wandb()
+        safe_redirect.patch_wandb()  # idempotent
+        patched = "write" in sys.stdout.__dict__
+        from wandb.sdk.lib import console_capture, redirect
+        seen = []
+        remove = console_capture.capture_stdout(lambda text, n: seen.append((text, n)))
+        print("through the shared session")
+        from safe_redirect.integrations.wandb import _captures
+        _captures["wrap"].flush()
+        remove()
+        safe_redirect.unpatch_wandb()
+        after = sys.stdout.__dict__.get("write").__qualname__
+        print(before, patched, redirect.StreamRawWrapper.__module__, after, seen, file=sys.stderr)
+    """
+    result = run_python(code, timeout=100)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = result.stderr.strip().splitlines()[-1]
+    assert report.startswith("_patch.<locals>.write_with_callbacks False wandb.sdk.lib.redirect "
+                             "_patch.<locals>.write_with_callbacks")
+    assert "('through the shared session\\n', 27)" in report
