@@ -123,3 +123,61 @@ def test_wandbs_import_time_write_hook_is_taken_off_and_put_back() -> None:
     assert report.startswith("_patch.<locals>.write_with_callbacks False wandb.sdk.lib.redirect "
                              "_patch.<locals>.write_with_callbacks")
     assert "('through the shared session\\n', 27)" in report
+
+
+@pytest.mark.timeout(300)
+def test_a_child_line_of_4000_characters_is_one_line_in_output_log(tmp_path) -> None:
+    script = SCRIPT.replace('        print(f"child {rank} line {i}")',
+                            '        print(f"child {rank} line {i} " + "x" * 4000)')
+    assert script != SCRIPT
+    result = run_python_file(tmp_path / "train.py", script, 240, args=("wrap", "fork", "yes"),
+                             cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = output_log(result).splitlines()
+    for rank in range(3):
+        assert [x for x in lines if x.startswith(f"[rank{rank}] child {rank} line")] == [
+            f"[rank{rank}] child {rank} line {i} " + "x" * 4000 for i in range(20)]
+
+
+XLA_SCRIPT = """
+import sys
+import safe_redirect
+
+def train(index):
+    import torch_xla.runtime as xr
+    print(f"xla: {xr.global_ordinal()} start train model")
+
+if __name__ == "__main__":
+    safe_redirect.patch_wandb()
+    import wandb
+    import torch_xla.distributed.xla_multiprocessing as xmp
+    run = wandb.init(mode="offline", project="safe-redirect-xla",
+                     settings=wandb.Settings(console=sys.argv[2]))
+    xmp.spawn(train, args=(), nprocs=None, start_method=sys.argv[1])
+    print("master: training done")
+    run.finish()
+    print(run.settings.files_dir, file=sys.stderr)
+"""
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("start_method", ["fork", "spawn"])
+@pytest.mark.parametrize("console", ["wrap", "redirect"])
+def test_the_original_report_torch_xla_ranks_into_output_log(tmp_path, start_method,
+                                                            console) -> None:
+    """wandb/wandb#1808: each rank's `xla: {rank} start train model` under xmp.spawn."""
+    pytest.importorskip("torch_xla", reason="torch_xla is not installed (extra: .[xla])")
+    env = dict(os.environ, PJRT_DEVICE="CPU", CPU_NUM_DEVICES="4")
+    result = run_python_file(tmp_path / "train.py", XLA_SCRIPT, 500,
+                             args=(start_method, console), cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "can only test a child process" not in result.stderr
+    lines = output_log(result).splitlines()
+    if console == "wrap":  # thread ranks are known to the Python-level hooks
+        expected = [f"[rank{r}] xla: {r} start train model" for r in range(4)]
+    else:  # fd level: the worker process is the origin; its threads are not visible there
+        expected = [x for x in lines if x.endswith(" start train model")]
+        assert sorted(x.split("] ", 1)[1] for x in expected) == sorted(
+            f"xla: {r} start train model" for r in range(4))
+    assert sorted(x for x in lines if x.endswith(" start train model")) == sorted(expected)
+    assert lines.count("master: training done") == 1
