@@ -191,6 +191,11 @@ class Session:
         atexit.register(self._at_exit)
         _sessions.append(self)
 
+    @property
+    def is_master(self) -> bool:
+        """True in the process that installed this session, while it is installed."""
+        return self.state is State.INSTALLED and self._owner.is_me()
+
     def __repr__(self) -> str:
         return (f"<safe_redirect.Session {self.state.value} owner={self._owner.pid} "
                 f"ring={self._ring.name}>")

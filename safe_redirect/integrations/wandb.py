@@ -38,7 +38,11 @@ class _SharedCapture:
         self.session: Session | None = None
 
     def add(self, stream: str, callback: Callback) -> None:
-        if self.session is None or self.session.state.value == "uninstalled":
+        if self.session is None or not self.session.is_master:
+            # none yet, or one inherited from a parent: a child that starts a run of its own
+            # (rank 0 calling wandb.init) captures for that run, and the parent's callbacks,
+            # copied into this process by fork, are not its own
+            self.callbacks = {"stdout": [], "stderr": []}
             self.session = install(on_output=self._dispatch, mode=self.mode)
         self.callbacks[stream].append(callback)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -181,3 +182,52 @@ def test_the_original_report_torch_xla_ranks_into_output_log(tmp_path, start_met
             f"xla: {r} start train model" for r in range(4))
     assert sorted(x for x in lines if x.endswith(" start train model")) == sorted(expected)
     assert lines.count("master: training done") == 1
+
+
+CHILD_RUN_SCRIPT = """
+import multiprocessing, os, sys
+import safe_redirect
+
+def work(rank):
+    os.environ["RANK"] = str(rank)
+    if rank == 0:  # as in the original report: only rank 0 logs to wandb
+        import wandb
+        run = wandb.init(mode="offline", project="child-run",
+                         settings=wandb.Settings(console="wrap"))
+        print("rank 0 inside its own run")
+        run.finish()
+        print(run.settings.files_dir, file=sys.stderr)
+    else:
+        for i in range(20):
+            print(f"sibling {rank} line {i}")
+
+if __name__ == "__main__":
+    safe_redirect.patch_wandb()
+    import wandb
+    run = wandb.init(mode="offline", project="master-run", settings=wandb.Settings(console="wrap"))
+    children = [multiprocessing.get_context("fork").Process(target=work, args=(r,))
+                for r in range(3)]
+    for child in children:
+        child.start()
+    for child in children:
+        child.join()
+        assert child.exitcode == 0
+    run.finish()
+    print(run.settings.files_dir, file=sys.stderr)
+"""
+
+
+@pytest.mark.timeout(300)
+def test_a_child_with_a_run_of_its_own_gets_its_own_lines_and_no_siblings(tmp_path) -> None:
+    result = run_python_file(tmp_path / "train.py", CHILD_RUN_SCRIPT, 240, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    dirs = [x for x in result.stderr.strip().splitlines() if x.endswith("/files")]
+    child_dir, master_dir = dirs[0], dirs[-1]
+    assert child_dir != master_dir
+    child_log = Path(child_dir, "output.log").read_text(encoding="utf-8")
+    master_log = Path(master_dir, "output.log").read_text(encoding="utf-8")
+    assert "rank 0 inside its own run" in child_log
+    assert "sibling" not in child_log  # siblings are not its descendants
+    for rank in (1, 2):
+        assert master_log.count(f"[rank{rank}] sibling {rank} line 19") == 1
+    assert master_log.count("[rank0] rank 0 inside its own run") == 1  # the master sees it too
