@@ -21,7 +21,10 @@ from typing import Any
 from safe_redirect.drain import Record
 from safe_redirect.session import Session, install
 
-__all__ = ["Redirect", "StreamRawWrapper", "StreamWrapper", "patch_wandb", "unpatch_wandb"]
+__all__ = [
+    "LegacyRedirect", "LegacyStreamWrapper", "Redirect", "StreamRawWrapper", "StreamWrapper",
+    "patch_wandb", "unpatch_wandb",
+]
 
 _logger = logging.getLogger(__name__)
 
@@ -135,8 +138,45 @@ class Redirect(_SafeRedirect):
     as_bytes = True
 
 
+class LegacyStreamWrapper(_SafeRedirect):
+    """wandb 0.10.x (the original report's): `StreamWrapper(name, cb, output_writer=None)`,
+    `cb(name, data)` — the callback that asserted `can only test a child process` in children."""
+
+    def __init__(self, name: str, cb: Callable[[str, Any], Any] | None = None,
+                 output_writer: Any = None) -> None:
+        super().__init__(name)
+        self.name = name
+        self.cb = cb
+        self.output_writer = output_writer
+
+    def _deliver(self, text: str) -> None:
+        if self.cb is not None:
+            self.cb(self.name, text)
+        if self.output_writer is not None:
+            self.output_writer.write(text.encode("utf-8"))
+
+
+class LegacyRedirect(_SafeRedirect):
+    """wandb 0.10.x: `Redirect(src, dest=Capture(name, cb, output_writer), unbuffered, tee)`."""
+
+    mode = "fd"
+
+    def __init__(self, src: str, dest: Any, unbuffered: bool = False, tee: bool = False) -> None:
+        super().__init__(src)
+        self.dest = dest
+
+    def _deliver(self, text: str) -> None:
+        data = text.encode("utf-8")
+        if getattr(self.dest, "_output_writer", None) is not None:
+            self.dest._output_writer.write(data)
+        if getattr(self.dest, "_cb", None) is not None:
+            self.dest._cb(self.dest._name, data)
+
+
 _REPLACEMENTS = {"StreamRawWrapper": StreamRawWrapper, "StreamWrapper": StreamWrapper,
                  "Redirect": Redirect}
+# wandb before 0.11 (no StreamRawWrapper): other constructors, callbacks cb(name, data)
+_LEGACY_REPLACEMENTS = {"StreamWrapper": LegacyStreamWrapper, "Redirect": LegacyRedirect}
 _originals: dict[str, Any] = {}
 
 
@@ -187,15 +227,25 @@ def _flush_before_finish(finish: Callable[..., Any]) -> Callable[..., Any]:
     return finish_after_delivering
 
 
+def _replacements(redirect: Any) -> dict[str, type[_SafeRedirect]]:
+    """The classes for the installed wandb's contract (0.10 has no StreamRawWrapper)."""
+    return dict(_REPLACEMENTS if hasattr(redirect, "StreamRawWrapper") else _LEGACY_REPLACEMENTS)
+
+
 def patch_wandb() -> None:
     """Make wandb's console capture fork-safe. Idempotent; `unpatch_wandb()` undoes it."""
     if _originals:
         return
     from wandb.sdk import wandb_run
-    from wandb.sdk.lib import console_capture, redirect
+    from wandb.sdk.lib import redirect
 
-    _take_console_capture_off(console_capture)
-    for name, replacement in _REPLACEMENTS.items():
+    try:
+        from wandb.sdk.lib import console_capture
+    except ImportError:  # wandb 0.10
+        pass
+    else:
+        _take_console_capture_off(console_capture)
+    for name, replacement in _replacements(redirect).items():
         _originals[name] = getattr(redirect, name)
         setattr(redirect, name, replacement)
     _originals["Run.finish"] = wandb_run.Run.finish
@@ -207,13 +257,16 @@ def unpatch_wandb() -> None:
     if not _originals:
         return
     from wandb.sdk import wandb_run
-    from wandb.sdk.lib import console_capture, redirect
+    from wandb.sdk.lib import redirect
 
     wandb_run.Run.finish = _originals.pop("Run.finish")  # type: ignore[method-assign]
-    for name in _REPLACEMENTS:
+    for name in _replacements(redirect):
         setattr(redirect, name, _originals.pop(name))
     for name in ("capture_stdout", "capture_stderr"):
-        setattr(console_capture, name, _originals.pop(f"console_capture.{name}"))
+        if f"console_capture.{name}" in _originals:
+            from wandb.sdk.lib import console_capture
+
+            setattr(console_capture, name, _originals.pop(f"console_capture.{name}"))
     for name in ("stdout", "stderr"):
         if f"console_capture.{name}" in _originals:
             stream, patched = _originals.pop(f"console_capture.{name}")
