@@ -15,7 +15,7 @@ SCRIPT = """
 import multiprocessing, os, sys
 import safe_redirect
 
-def work(rank):
+def work(rank, *_):
     os.environ["RANK"] = str(rank)
     for i in range(20):
         print(f"child {rank} line {i}")
@@ -30,13 +30,17 @@ if __name__ == "__main__":
     run = wandb.init(mode="offline", project="safe-redirect-test",
                      settings=wandb.Settings(console=console))
     print("master line")
-    context = multiprocessing.get_context(method)
-    children = [context.Process(target=work, args=(r,)) for r in range(3)]
-    for child in children:
-        child.start()
-    for child in children:
-        child.join()
-        assert child.exitcode == 0, child.exitcode
+    if method == "torch":
+        import torch.multiprocessing
+        torch.multiprocessing.spawn(work, nprocs=3)  # rank passed as the first argument
+    else:
+        context = multiprocessing.get_context(method)
+        children = [context.Process(target=work, args=(r,)) for r in range(3)]
+        for child in children:
+            child.start()
+        for child in children:
+            child.join()
+            assert child.exitcode == 0, child.exitcode
     run.finish()
     print(run.settings.files_dir, file=sys.stderr)
 """
@@ -49,11 +53,20 @@ def output_log(result) -> str:
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.parametrize("how", ["explicit", "env"])
 @pytest.mark.parametrize("console", ["wrap", "wrap_emu", "redirect"])
-@pytest.mark.parametrize("method", ["fork", "spawn"])
-def test_every_childs_lines_land_in_output_log_once_tagged(tmp_path, console, method) -> None:
-    result = run_python_file(tmp_path / "train.py", SCRIPT, 240, args=(console, method, "yes"),
-                             cwd=tmp_path)
+@pytest.mark.parametrize("method", ["fork", "spawn", "forkserver", "torch"])
+def test_every_childs_lines_land_in_output_log_once_tagged(tmp_path, method, console,
+                                                          how) -> None:
+    """console mode x birth method x {patch_wandb(), SAFE_REDIRECT_PATCH=wandb}."""
+    if method == "torch":
+        pytest.importorskip("torch", reason="torch is not installed (extra: .[xla])")
+    env = dict(os.environ)
+    if how == "env":
+        env["SAFE_REDIRECT_PATCH"] = "wandb"
+    result = run_python_file(tmp_path / "train.py", SCRIPT, 240,
+                             args=(console, method, "yes" if how == "explicit" else "no"),
+                             cwd=tmp_path, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     lines = output_log(result).splitlines()
