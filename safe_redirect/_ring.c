@@ -629,6 +629,17 @@ static PyObject *Segment_ack_pipes(SegmentObject *self, PyObject *arg) {
     Py_RETURN_NONE;
 }
 
+/* Consumer side: a short pause between passes that does not arm the doorbell (producers do not
+ * pay a system call per write while the drain is busy), but that a producer waiting for room
+ * cuts short: it rings the bell itself. */
+static PyObject *Segment_pause(SegmentObject *self, PyObject *arg) {
+    double timeout = PyFloat_AsDouble(arg);
+    if (timeout == -1.0 && PyErr_Occurred()) return NULL;
+    if (!segment_ready(self)) return NULL;
+    futex_wait_released(&self->hdr->bell, atomic_load(&self->hdr->bell), timeout);
+    Py_RETURN_NONE;
+}
+
 static PyObject *Segment_wake(SegmentObject *self, PyObject *unused) {
     if (!segment_ready(self)) return NULL;
     ring_bell(self->hdr);
@@ -686,6 +697,8 @@ static PyMethodDef Segment_methods[] = {
     {"free", (PyCFunction)Segment_free, METH_O, "free(lane): consumer returns a dead lane"},
     {"wait", (PyCFunction)Segment_wait, METH_O, "wait(timeout) -> bool: sleep until data"},
     {"wake", (PyCFunction)Segment_wake, METH_NOARGS, "wake the consumer"},
+    {"pause", (PyCFunction)Segment_pause, METH_O,
+     "pause(timeout): sleep between passes; a producer out of room cuts it short"},
     {"ack_pipes", (PyCFunction)Segment_ack_pipes, METH_O,
      "ack_pipes(lane): the consumer holds read ends of the lane owner's pipes"},
     {"mark_closed", (PyCFunction)Segment_mark_closed, METH_NOARGS,
@@ -806,6 +819,7 @@ static PyObject *Producer_wait_space(ProducerObject *self, PyObject *args) {
     uint64_t cap = self->segment->hdr->lane_bytes;
     if (need > cap / 2) need = cap / 2; /* what one record needs at most */
     uint32_t seq = atomic_load(&lane->space_bell);
+    ring_bell(self->segment->hdr); /* the drain may be pausing between passes: come now */
     atomic_store(&lane->space_waiting, 1u);
     atomic_thread_fence(memory_order_seq_cst);
     uint64_t used = atomic_load(&lane->tail) - atomic_load(&lane->head);

@@ -173,7 +173,7 @@ class Drain:
     #: how long the thread sleeps with the doorbell armed before it looks anyway, seconds
     idle_poll = 0.1
     #: after a pass that found data, how long to let more collect before the next pass, seconds
-    batch_pause = 0.0005
+    batch_pause = 0.002
 
     def __init__(self, ring: Ring, deliver: Callable[[Record], None], tag_template: str,
                  master_lane: int,
@@ -267,7 +267,7 @@ class Drain:
             if stopping:
                 return
             if found:
-                time.sleep(self.batch_pause)
+                self._segment.pause(self.batch_pause)
             else:
                 self._segment.wait(self.idle_poll)
 

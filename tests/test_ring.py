@@ -270,3 +270,26 @@ def test_segments_of_a_master_that_died_are_swept_and_live_ones_kept() -> None:
     finally:
         live.close()
         live.unlink()
+
+
+def test_a_producer_out_of_room_cuts_the_consumers_pause_short(ring: Ring) -> None:
+    """Between passes the drain pauses without arming the doorbell (no system call per write),
+    but a writer whose lane is full must not wait out the pause."""
+    p = claim(ring)
+    while p.append(0, 0, b"f" * 500) == 500:
+        pass
+    paused = []
+
+    def consumer() -> None:
+        t0 = time.monotonic()
+        ring.segment.pause(10.0)
+        paused.append(time.monotonic() - t0)
+
+    thread = threading.Thread(target=consumer)
+    thread.start()
+    time.sleep(0.2)
+    assert p.append(0, 0, b"ordinary write\n") == 0  # full: an ordinary write rings nothing
+    assert thread.is_alive()
+    p.wait_space(600, 0.01)  # out of room: it rings the bell
+    thread.join(5)
+    assert not thread.is_alive() and paused[0] < 5.0
