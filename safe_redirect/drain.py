@@ -172,8 +172,10 @@ class Drain:
     reap_interval = 0.2
     #: how long the thread sleeps with the doorbell armed before it looks anyway, seconds
     idle_poll = 0.1
-    #: after a pass that found data, how long to let more collect before the next pass, seconds
-    batch_pause = 0.002
+    #: after a pass that found data, how long to let more collect before the next pass, seconds.
+    #: Measured: 0.5 ms keeps the drain ahead of a child printing flat out (hooked/plain 1.20;
+    #: 1 ms: 1.38); a longer pause would suit a printing master (2 ms: 1.48 instead of ~1.7).
+    batch_pause = 0.0005
 
     def __init__(self, ring: Ring, deliver: Callable[[Record], None], tag_template: str,
                  master_lane: int,
