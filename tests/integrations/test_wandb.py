@@ -186,14 +186,17 @@ def test_the_original_report_torch_xla_ranks_into_output_log(tmp_path, start_met
                              args=(start_method, console), cwd=tmp_path, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "can only test a child process" not in result.stderr
-    lines = output_log(result).splitlines()
-    if console == "wrap":  # thread ranks are known to the Python-level hooks
+    log = output_log(result)
+    lines = log.splitlines()
+    if console == "wrap":  # thread ranks are known to the Python-level hooks: whole lines
         expected = [f"[rank{r}] xla: {r} start train model" for r in range(4)]
-    else:  # fd level: the worker process is the origin; its threads are not visible there
-        expected = [x for x in lines if x.endswith(" start train model")]
-        assert sorted(x.split("] ", 1)[1] for x in expected) == sorted(
-            f"xla: {r} start train model" for r in range(4))
-    assert sorted(x for x in lines if x.endswith(" start train model")) == sorted(expected)
+        assert sorted(x for x in lines if x.endswith(" start train model")) == expected
+    else:
+        # At fd level the writing thread is invisible: print's text and newline are two writes,
+        # and four rank threads may interleave them exactly as the terminal shows. Each write
+        # arrives once and whole.
+        for r in range(4):
+            assert log.count(f"xla: {r} start train model") == 1
     assert lines.count("master: training done") == 1
 
 
