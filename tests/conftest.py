@@ -39,6 +39,16 @@ def fork_call(fn: Callable[..., Any], *args: Any) -> int:
     return pid
 
 
+def run_all(processes: list[Any], timeout: float = 60.0) -> list[Any]:
+    """Start multiprocessing Processes, join them (bounded) and insist that each exited 0."""
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(timeout)
+        assert process.exitcode == 0, (process, process.exitcode)
+    return processes
+
+
 def wait_pid(pid: int, timeout: float = 60.0) -> int:
     """The child's exit code; a child still running after `timeout` is killed and the test fails."""
     deadline = time.monotonic() + timeout

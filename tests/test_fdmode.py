@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import safe_redirect
 from safe_redirect import Record
 
-from .conftest import fork_call, lines_by_origin, run_python_file, wait_pid
+from .conftest import fork_call, lines_by_origin, run_all, run_python_file, wait_pid
 
 FORK = multiprocessing.get_context("fork")
 libc = ctypes.CDLL(None)
@@ -59,12 +59,7 @@ def _c_level_child(n: int) -> None:
 
 def test_forked_childrens_c_level_output_arrives_once_tagged() -> None:
     with fd_capture() as (session, records):
-        children = [FORK.Process(target=_c_level_child, args=(n,)) for n in range(4)]
-        for child in children:
-            child.start()
-        for child in children:
-            child.join(60)
-            assert child.exitcode == 0
+        children = run_all([FORK.Process(target=_c_level_child, args=(n,)) for n in range(4)])
         assert session.flush(timeout=30)
         by_origin = lines_by_origin(records)
         for n, child in enumerate(children):

@@ -14,7 +14,7 @@ import pytest
 import safe_redirect
 from safe_redirect import Record
 
-from .conftest import fork_call, lines_by_origin, run_python, wait_pid
+from .conftest import fork_call, lines_by_origin, run_all, run_python, wait_pid
 
 FORK = multiprocessing.get_context("fork")
 
@@ -38,12 +38,8 @@ def test_eight_children_ten_thousand_lines_each_arrive_once_in_order_tagged(capt
 
     session._on_output = on_output  # same list, also noting which process runs the callback
     print("master before")
-    children = [FORK.Process(target=_numbered_lines, args=(r, 10_000)) for r in range(8)]
-    for child in children:
-        child.start()
-    for child in children:
-        child.join(120)
-        assert child.exitcode == 0
+    children = run_all([FORK.Process(target=_numbered_lines, args=(r, 10_000)) for r in range(8)],
+                       timeout=120)
     print("master after")
     assert session.flush(timeout=60)
 

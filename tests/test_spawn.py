@@ -15,7 +15,7 @@ import pytest
 import safe_redirect
 from safe_redirect import Record, spawn
 
-from .conftest import lines_by_origin
+from .conftest import lines_by_origin, run_all
 
 
 def _spawned_work(n: int) -> None:
@@ -27,12 +27,7 @@ def _spawned_work(n: int) -> None:
 def test_multiprocessing_children_of_every_start_method_are_captured(capture, method) -> None:
     session, records = capture
     context = multiprocessing.get_context(method)
-    children = [context.Process(target=_spawned_work, args=(n,)) for n in range(3)]
-    for child in children:
-        child.start()
-    for child in children:
-        child.join(60)
-        assert child.exitcode == 0
+    children = run_all([context.Process(target=_spawned_work, args=(n,)) for n in range(3)])
     assert session.flush(timeout=30)
     by_origin = lines_by_origin(records)
     for n, child in enumerate(children):
