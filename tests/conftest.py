@@ -49,6 +49,32 @@ def run_all(processes: list[Any], timeout: float = 60.0) -> list[Any]:
     return processes
 
 
+def seconds_a_child_writes_after_uninstall(session: Any, before: Callable[[], Any],
+                                           after: Callable[[], Any]) -> float:
+    """Fork a child that runs `before()` (attached), waits while the master uninstalls
+    `session`, then runs `after()`; the seconds it took from there to exit 0 (30 s at most)."""
+    ready_r, ready_w = os.pipe()
+    go_r, go_w = os.pipe()
+
+    def child() -> None:
+        before()
+        os.write(ready_w, b"1")
+        os.read(go_r, 1)
+        after()
+
+    try:
+        pid = fork_call(child)
+        assert os.read(ready_r, 1) == b"1"
+        session.uninstall()
+        t0 = time.monotonic()
+        os.write(go_w, b"1")
+        assert wait_pid(pid, 30) == 0
+        return time.monotonic() - t0
+    finally:
+        for fd in (ready_r, ready_w, go_r, go_w):
+            os.close(fd)
+
+
 def wait_pid(pid: int, timeout: float = 60.0) -> int:
     """The child's exit code; a child still running after `timeout` is killed and the test fails."""
     deadline = time.monotonic() + timeout

@@ -14,7 +14,14 @@ import pytest
 import safe_redirect
 from safe_redirect import Record
 
-from .conftest import fork_call, lines_by_origin, run_all, run_python, wait_pid
+from .conftest import (
+    fork_call,
+    lines_by_origin,
+    run_all,
+    run_python,
+    seconds_a_child_writes_after_uninstall,
+    wait_pid,
+)
 
 FORK = multiprocessing.get_context("fork")
 
@@ -317,27 +324,13 @@ def test_flush_delivers_a_partial_line_of_a_live_child(capture) -> None:
 
 
 def test_a_child_printing_after_uninstall_never_blocks() -> None:
-    ready_r, ready_w = os.pipe()
-    go_r, go_w = os.pipe()
-    session = safe_redirect.install(on_output=lambda r: None, lane_bytes=4096)
-
-    def child() -> None:
-        print("attached")
-        os.write(ready_w, b"1")
-        os.read(go_r, 1)
+    def after() -> None:
         sys.stdout.write("x" * 1_000_000 + "\n")  # 250 lanes' worth, nobody reading
         for i in range(10_000):
             print(f"after uninstall {i}")
 
-    pid = fork_call(child)
-    assert os.read(ready_r, 1) == b"1"
-    session.uninstall()
-    t0 = time.monotonic()
-    os.write(go_w, b"1")
-    assert wait_pid(pid, 30) == 0
-    assert time.monotonic() - t0 < 10
-    for fd in (ready_r, ready_w, go_r, go_w):
-        os.close(fd)
+    session = safe_redirect.install(on_output=lambda r: None, lane_bytes=4096)
+    assert seconds_a_child_writes_after_uninstall(session, lambda: print("attached"), after) < 10
 
 
 def test_block_policy_slows_writers_down_and_loses_nothing() -> None:
