@@ -1173,6 +1173,7 @@ PyMODINIT_FUNC PyInit__ring(void) {
         PyModule_AddIntConstant(m, "KIND_FLUSH", KIND_FLUSH) < 0 ||
         PyModule_AddIntConstant(m, "KIND_BUFFER_FLUSH", KIND_BUFFER_FLUSH) < 0)
         goto fail;
+    if (PyModule_AddObject(m, "SEG_MAGIC", PyLong_FromUnsignedLongLong(SEG_MAGIC)) < 0) goto fail;
     if (!fork_handler_registered) {
         if (pthread_atfork(NULL, NULL, after_fork_in_child) != 0) {
             PyErr_SetString(PyExc_OSError, "pthread_atfork failed");

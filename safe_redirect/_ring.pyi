@@ -1,5 +1,6 @@
 from collections.abc import Callable
 
+SEG_MAGIC: int
 SEG_HEADER: int
 LANE_HEADER: int
 REC_HEADER: int

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import select
+import stat
 import sys
 import threading
 from collections.abc import Callable, Iterable
@@ -63,8 +64,6 @@ def open_peer_pipe(pid: int, fd: int) -> int | None:
         ours = os.open(f"/proc/{pid}/fd/{fd}", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
         return None
-    import stat
-
     if not stat.S_ISFIFO(os.fstat(ours).st_mode):
         os.close(ours)
         return None
@@ -77,8 +76,6 @@ def reopen_terminal(master_pid: int, terminal_fds: tuple[int, int],
     at the master's terminal again, opened anew through /proc. Only a terminal or a pipe is
     reopened so (a regular file would be written at a second offset); otherwise this raises
     and the process stays uncaptured: its output still reaches the master's pipes, once."""
-    import stat
-
     opened: dict[int, int] = {}
     try:
         for name in streams:

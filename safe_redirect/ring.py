@@ -28,7 +28,6 @@ STREAMS = ("stdout", "stderr")
 _PREFIX = "safe_redirect-"
 # The head of the segment header (see _ring.c): magic, version, nlanes, lane_bytes, master stamp.
 _HEADER = struct.Struct("=QIIQQQ")
-_MAGIC = 0x3152445245464153
 
 
 def _shm_dir() -> str:
@@ -160,7 +159,7 @@ def sweep_orphaned_segments() -> list[str]:
         if len(header) < _HEADER.size:
             continue  # being created right now
         magic, _version, _nlanes, _lane_bytes, pid, start_us = _HEADER.unpack(header)
-        if magic != _MAGIC or Stamp(pid, start_us).is_alive():
+        if magic != _ring.SEG_MAGIC or Stamp(pid, start_us).is_alive():
             continue
         try:
             os.unlink(path)
