@@ -7,7 +7,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -32,6 +33,20 @@ def claim(ring: Ring, pid: int = 0) -> _ring.Producer:
     lane = ring.segment.claim(pid or os.getpid(), 1, -1)
     assert lane >= 0
     return ring.segment.producer(lane)
+
+
+def timed_in_thread(call: Callable[[], Any]) -> tuple[threading.Thread, list[tuple[Any, float]]]:
+    """Start `call()` on a thread; the list receives (its result, the seconds it took)."""
+    done: list[tuple[Any, float]] = []
+
+    def run() -> None:
+        t0 = time.monotonic()
+        result = call()
+        done.append((result, time.monotonic() - t0))
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, done
 
 
 def read_all(ring: Ring, lane: int) -> list[tuple[int, int, bytes]]:
@@ -168,20 +183,12 @@ def test_a_producer_process_and_a_consumer_agree_byte_for_byte() -> None:
 
 def test_wait_returns_when_a_producer_publishes(ring: Ring) -> None:
     p = claim(ring)
-    woke = []
-
-    def consumer() -> None:
-        t0 = time.monotonic()
-        ring.segment.wait(10.0)
-        woke.append(time.monotonic() - t0)
-
-    thread = threading.Thread(target=consumer)
-    thread.start()
+    thread, woke = timed_in_thread(lambda: ring.segment.wait(10.0))
     time.sleep(0.2)
     p.append(0, 0, b"ding\n")
     thread.join(5)
     assert not thread.is_alive()
-    assert 0.15 < woke[0] < 5.0
+    assert 0.15 < woke[0][1] < 5.0
     assert ring.segment.wait(0.0) is True  # data waiting: no sleep at all
 
 
@@ -236,14 +243,7 @@ def test_a_producer_waiting_for_room_wakes_when_the_consumer_reads(ring: Ring) -
     while p.append(0, 0, b"f" * 500) == 500:
         pass
     assert p.wait_space(600, 0.01) is False  # full, and nobody reads
-    woke = []
-
-    def producer() -> None:
-        t0 = time.monotonic()
-        woke.append((p.wait_space(600, 10.0), time.monotonic() - t0))
-
-    thread = threading.Thread(target=producer)
-    thread.start()
+    thread, woke = timed_in_thread(lambda: p.wait_space(600, 10.0))
     time.sleep(0.2)
     ring.segment.read(p.lane, 1 << 62)
     thread.join(5)
@@ -278,18 +278,10 @@ def test_a_producer_out_of_room_cuts_the_consumers_pause_short(ring: Ring) -> No
     p = claim(ring)
     while p.append(0, 0, b"f") == 1:  # full to the last record's worth
         pass
-    paused = []
-
-    def consumer() -> None:
-        t0 = time.monotonic()
-        ring.segment.pause(10.0)
-        paused.append(time.monotonic() - t0)
-
-    thread = threading.Thread(target=consumer)
-    thread.start()
+    thread, paused = timed_in_thread(lambda: ring.segment.pause(10.0))
     time.sleep(0.2)
     assert p.append(0, 0, b"ordinary write\n") == 0  # full: an ordinary write rings nothing
     assert thread.is_alive()
     p.wait_space(600, 0.01)  # out of room: it rings the bell
     thread.join(5)
-    assert not thread.is_alive() and paused[0] < 5.0
+    assert not thread.is_alive() and paused[0][1] < 5.0
