@@ -14,14 +14,14 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from safe_redirect import _ring
 from safe_redirect.fdcapture import open_peer_pipe, read_available
 from safe_redirect.ring import STREAMS, Ring
 from safe_redirect.stamp import Stamp
 
-__all__ = ["Drain", "LaneReader", "Record"]
+__all__ = ["Drain", "Interleaver", "LaneReader", "Record"]
 
 # A partial line longer than this is delivered as it is rather than held without bound.
 MAX_PARTIAL_CHARS = 1 << 20
@@ -37,12 +37,47 @@ class Record:
     pid: int
     rank: int | None
     time_ns: int  # wall clock (time.time_ns) of the write that began the first line
+    #: the text goes on with a line whose beginning an earlier record delivered (a flush came
+    #: before the line's end, as progress bars do): its first line takes no tag
+    continued: bool = False
 
     def tagged(self) -> str:
         """The text with the tag in front of every line, as it should be shown or logged."""
         if not self.tag:
             return self.text
-        return "".join(self.tag + line for line in self.text.splitlines(keepends=True))
+        lines = self.text.splitlines(keepends=True)
+        head = lines.pop(0) if self.continued and lines else ""
+        return head + "".join(self.tag + line for line in lines)
+
+
+class Interleaver:
+    """Renders the records of many processes into one text per stream, as a run log shows them.
+
+    A record may end inside a line: its writer flushed before the newline (a progress bar), or
+    left a bare `\\r` to draw over the line. Another process's text must not continue or overwrite
+    that line (a terminal emulator, as in wandb's output.log, would do both), so it starts on a
+    new one; the same writer's continuation joins its line untagged.
+    """
+
+    def __init__(self, one_log: bool = False) -> None:
+        #: both streams go to one log (wandb's output.log): a line open on stdout is open there
+        self._one_log = one_log
+        self._open: dict[str, tuple[int, str, str]] = {}  # log -> the writer whose line is open
+
+    def render(self, record: Record) -> str:
+        writer = (record.pid, record.tag, record.stream)
+        log = "log" if self._one_log else record.stream
+        holder = self._open.get(log)
+        if holder != writer and record.continued:  # its line was cut off: tag the rest anew
+            record = replace(record, continued=False)
+        text = record.tagged()
+        if holder is not None and holder != writer:
+            text = "\n" + text
+        if record.text.endswith("\n"):
+            self._open.pop(log, None)
+        else:
+            self._open[log] = writer
+        return text
 
 
 def render_tag(template: str, rank: int | None, pid: int, name: str = "") -> str:
@@ -70,13 +105,20 @@ def _cut_point(text: str) -> int:
 class _StreamState:
     """One thread's partial line on one stream."""
 
-    __slots__ = ("decoder", "partial", "partial_time", "rank")
+    __slots__ = ("decoder", "mid_line", "partial", "partial_time", "rank")
 
     def __init__(self) -> None:
         self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
         self.partial = ""
         self.partial_time = 0
         self.rank = -1  # the writing thread's own rank, if it has one
+        self.mid_line = False  # what was delivered last ended inside a line
+
+    def delivered(self, text: str) -> bool:
+        """Note that `text` goes out; whether it continues the line delivered before it."""
+        continued = self.mid_line
+        self.mid_line = not text.endswith(("\n", "\r"))
+        return continued
 
 
 class LaneReader:
@@ -98,26 +140,27 @@ class LaneReader:
             os.close(fd)
         self.pipes.clear()
 
-    def _record(self, stream: int, text: str, time_ns: int, thread_rank: int = -1) -> Record:
+    def _record(self, stream: int, text: str, time_ns: int, thread_rank: int = -1,
+                continued: bool = False) -> Record:
         """A Record of this owner; a thread with a rank of its own (torch_xla) is tagged by it."""
         name = STREAMS[stream] if stream < len(STREAMS) else f"stream{stream}"
         if thread_rank < 0:
-            return Record(name, text, self.tag, self.owner.pid, self.rank, time_ns)
+            return Record(name, text, self.tag, self.owner.pid, self.rank, time_ns, continued)
         tag = render_tag(self._template, thread_rank, self.owner.pid, self.name)
-        return Record(name, text, tag, self.owner.pid, thread_rank, time_ns)
+        return Record(name, text, tag, self.owner.pid, thread_rank, time_ns, continued)
 
     def feed(self, records: list[tuple[int, int, int, bytes, int, int]]) -> list[Record]:
         """Whole lines found in `records`; consecutive lines of one stream and origin share a
         Record. Lines are rebuilt per writing thread: two threads never splice into one line."""
         out: list[Record] = []
 
-        def emit(stream: int, text: str, time_ns: int, thread_rank: int) -> None:
-            record = self._record(stream, text, time_ns, thread_rank)
+        def emit(state: _StreamState, stream: int, text: str, time_ns: int,
+                 thread_rank: int) -> None:
+            record = self._record(stream, text, time_ns, thread_rank, state.delivered(text))
             last = out[-1] if out else None
             if last and (last.stream, last.tag, last.rank) == (record.stream, record.tag,
                                                                 record.rank):
-                out[-1] = Record(last.stream, last.text + text, last.tag, last.pid, last.rank,
-                                 last.time_ns)
+                out[-1] = replace(last, text=last.text + text)
             else:
                 out.append(record)
 
@@ -130,7 +173,7 @@ class LaneReader:
                 # (print(..., flush=True) from rank threads); it waits for its own end.
                 text = state.partial + state.decoder.decode(b"", final=True)
                 if text:
-                    emit(stream, text, state.partial_time or time_ns, state.rank)
+                    emit(state, stream, text, state.partial_time or time_ns, state.rank)
                 state.partial = ""
                 continue
             text = state.decoder.decode(payload)
@@ -141,11 +184,11 @@ class LaneReader:
             pending = state.partial + text
             cut = _cut_point(pending)
             if cut:
-                emit(stream, pending[:cut], state.partial_time, state.rank)
+                emit(state, stream, pending[:cut], state.partial_time, state.rank)
                 pending = pending[cut:]
                 state.partial_time, state.rank = time_ns, thread_rank
             if len(pending) > MAX_PARTIAL_CHARS:
-                emit(stream, pending, state.partial_time, state.rank)
+                emit(state, stream, pending, state.partial_time, state.rank)
                 pending = ""
             state.partial = pending
         return out
@@ -157,7 +200,8 @@ class LaneReader:
             text = state.partial + state.decoder.decode(b"", final=True)
             state.partial = ""
             if text:
-                out.append(self._record(stream, text, state.partial_time, state.rank))
+                out.append(self._record(stream, text, state.partial_time, state.rank,
+                                        state.delivered(text)))
         return out
 
 

@@ -385,11 +385,13 @@ class Session:
     def _capture_fd(self, stream: int, data: bytes) -> None:
         """The fd pump's way into the lane (on the pump thread). The lane was claimed at fork or
         at start-up, before a launcher had set the rank (RANK set by the worker itself, the
-        argument of torch.multiprocessing.spawn): the pump reads it for every chunk."""
+        argument of torch.multiprocessing.spawn): a child's pump reads it for every chunk. The
+        master's own lines stay untagged, as in wrap mode."""
         producer = self._producer
         if producer is None:
             return
-        set_thread_rank(detect_rank(thread=False))
+        if self.state is State.CHILD:
+            set_thread_rank(detect_rank(thread=False))
         written = producer.append(stream, 0, data)
         if 0 <= written < len(data):
             self._append_rest(producer, stream, data[written:])

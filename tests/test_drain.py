@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from safe_redirect import _ring
-from safe_redirect.drain import MAX_PARTIAL_CHARS, LaneReader, Record, render_tag
+from safe_redirect.drain import MAX_PARTIAL_CHARS, Interleaver, LaneReader, Record, render_tag
 
 OUT, ERR = 0, 1
 
@@ -134,3 +136,53 @@ def test_the_masters_own_lines_are_untagged_unless_a_thread_has_a_rank() -> None
     r = LaneReader(pid=7, start_us=1, rank=None, master=True)
     out = r.feed([data(OUT, b"plain\n"), data(OUT, b"ranked\n", thread=2, rank=5)])
     assert [(x.tag, x.text) for x in out] == [("", "plain\n"), ("[rank5] ", "ranked\n")]
+
+
+def test_the_rest_of_a_flushed_line_continues_it_untagged() -> None:
+    r = reader()
+    (head,) = r.feed([data(OUT, b"Epoch 1 |##"), flush(OUT)])
+    (rest,) = r.feed([data(OUT, b"##| done\nnext\n")])
+    assert (head.continued, rest.continued) == (False, True)
+    assert head.tagged() + rest.tagged() == "[rank3] Epoch 1 |####| done\n[rank3] next\n"
+    (after,) = r.feed([data(OUT, b"fresh\n")])
+    assert not after.continued
+
+
+def interleave(*records: Record) -> str:
+    interleaver = Interleaver()
+    return "".join(interleaver.render(record) for record in records)
+
+
+def rec(text: str, rank: int, continued: bool = False, stream: str = "stdout") -> Record:
+    return Record(stream, text, f"[rank{rank}] ", 100 + rank, rank, 0, continued)
+
+
+def test_no_two_processes_share_a_line_in_the_merged_log() -> None:
+    # rank 1 flushes half a progress line, rank 2 prints, rank 1 finishes its line
+    merged = interleave(rec("50% |##", 1), rec("hello\n", 2), rec("##| 100%\n", 1, True))
+    assert merged == "[rank1] 50% |##\n[rank2] hello\n[rank1] ##| 100%\n"
+
+
+def test_a_line_left_for_overwriting_is_kept_when_another_process_writes() -> None:
+    merged = interleave(rec("\r10%\r", 1), rec("hello\n", 2), rec("20%\r", 1), rec("20%\r", 1))
+    assert merged == "[rank1] \r[rank1] 10%\r\n[rank2] hello\n[rank1] 20%\r[rank1] 20%\r"
+
+
+def test_one_process_continuing_its_own_line_is_joined() -> None:
+    assert interleave(rec("a", 1), rec("b", 1, True), rec("c\n", 1, True)) == "[rank1] abc\n"
+    master = Record("stdout", "x", "", 1, None, 0)
+    assert interleave(master, rec("y\n", 2), replace(master, text="z\n", continued=True)) == (
+        "x\n[rank2] y\nz\n")
+
+
+def test_streams_are_interleaved_apart() -> None:
+    interleaver = Interleaver()
+    records = [rec("a", 1), rec("E\n", 2, stream="stderr"), rec("b\n", 1, True)]
+    assert [interleaver.render(r) for r in records] == ["[rank1] a", "[rank2] E\n", "b\n"]
+
+
+def test_in_one_log_a_line_open_on_stdout_is_not_continued_by_stderr() -> None:
+    interleaver = Interleaver(one_log=True)
+    records = [rec("50%\r", 1), rec("warning\n", 1, stream="stderr"), rec("60%\r", 1)]
+    assert [interleaver.render(r) for r in records] == [
+        "[rank1] 50%\r", "\n[rank1] warning\n", "[rank1] 60%\r"]

@@ -14,11 +14,12 @@ first.
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from safe_redirect.drain import Record
+from safe_redirect.drain import Interleaver, Record
 from safe_redirect.session import Session, install
 
 __all__ = [
@@ -39,6 +40,7 @@ class _SharedCapture:
         self.mode = mode
         self.callbacks: dict[str, list[Callback]] = {"stdout": [], "stderr": []}
         self.session: Session | None = None
+        self.interleaver = Interleaver(one_log=True)  # output.log
 
     def add(self, stream: str, callback: Callback) -> None:
         if self.session is None or not self.session.is_master:
@@ -46,6 +48,7 @@ class _SharedCapture:
             # (rank 0 calling wandb.init) captures for that run, and the parent's callbacks,
             # copied into this process by fork, are not its own
             self.callbacks = {"stdout": [], "stderr": []}
+            self.interleaver = Interleaver(one_log=True)  # output.log
             self.session = install(on_output=self._dispatch, mode=self.mode)
         self.callbacks[stream].append(callback)
 
@@ -61,7 +64,7 @@ class _SharedCapture:
             self.session.flush(timeout=10.0)
 
     def _dispatch(self, record: Record) -> None:
-        text = record.tagged()
+        text = self.interleaver.render(record)
         for callback in list(self.callbacks.get(record.stream, ())):
             try:
                 callback(text)
@@ -72,11 +75,44 @@ class _SharedCapture:
 _captures = {mode: _SharedCapture(mode) for mode in ("wrap", "fd")}
 
 
+class _Screen:
+    """The lines a terminal shows for a text: what wandb's emulator gave the callbacks of
+    console="wrap_emu" and "redirect", whose records take `\\r` as a line break. A line goes out
+    once ended, as drawn after its `\\r` overwrites (a progress bar: its last state); the line
+    still being drawn waits. Cursor-moving escape sequences are passed through as text."""
+
+    def __init__(self) -> None:
+        self._line = ""  # the line being drawn
+        self._cursor = 0
+
+    def feed(self, text: str) -> str:
+        if not self._line and "\r" not in text and text.endswith("\n"):
+            return text  # whole plain lines: the common case, as they are
+        out = []
+        for piece in re.split("([\r\n])", text):
+            if piece == "\n":
+                out.append(self._line + "\n")
+                self._line, self._cursor = "", 0
+            elif piece == "\r":
+                self._cursor = 0
+            elif piece:
+                end = self._cursor + len(piece)
+                self._line = self._line[:self._cursor] + piece + self._line[end:]
+                self._cursor = end
+        return "".join(out)
+
+    def close(self) -> str:
+        """The line still being drawn, ended."""
+        return self.feed("\n") if self._line else ""
+
+
+
 class _SafeRedirect:
     """wandb's RedirectBase contract on a shared safe_redirect session."""
 
     mode = "wrap"
     as_bytes = False  # what wandb's callbacks for this class take: str, or UTF-8 bytes
+    emulates = False  # whether wandb ran a terminal emulator before them (see _Screen)
 
     def __init__(self, src: str, cbs: Iterable[Callback] = (), **_options: Any) -> None:
         if src not in ("stdout", "stderr"):
@@ -84,6 +120,7 @@ class _SafeRedirect:
         self.src = src
         self.cbs = tuple(cbs)
         self._installed = False
+        self._screen = _Screen() if self.emulates else None
 
     @property
     def src_stream(self) -> Any:
@@ -99,6 +136,10 @@ class _SafeRedirect:
         return getattr(sys, self.src)
 
     def _deliver(self, text: str) -> None:
+        if self._screen is not None:
+            text = self._screen.feed(text)
+        if not text:
+            return
         data = text.encode("utf-8") if self.as_bytes else text
         for callback in self.cbs:
             callback(data)
@@ -118,6 +159,8 @@ class _SafeRedirect:
             _captures[self.mode].flush()
             _captures[self.mode].remove(self.src, self._deliver)
             self._installed = False
+            if self._screen is not None:
+                self._deliver(self._screen.close())
 
 
 class StreamRawWrapper(_SafeRedirect):
@@ -125,10 +168,11 @@ class StreamRawWrapper(_SafeRedirect):
 
 
 class StreamWrapper(_SafeRedirect):
-    """console="wrap_emu": wandb ran a terminal emulator over the text; lines arrive whole
-    here already (`\\r` kept), and go to its callbacks as UTF-8 bytes, as the emulator's did."""
+    """console="wrap_emu": wandb ran a terminal emulator over the text: its callbacks take
+    whole lines as shown (see _Screen), as UTF-8 bytes."""
 
     as_bytes = True
+    emulates = True
 
 
 class Redirect(_SafeRedirect):
@@ -136,6 +180,7 @@ class Redirect(_SafeRedirect):
 
     mode = "fd"
     as_bytes = True
+    emulates = True
 
 
 class LegacyStreamWrapper(_SafeRedirect):
