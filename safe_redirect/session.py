@@ -25,7 +25,14 @@ from safe_redirect.fdcapture import FdCapture, reopen_terminal
 from safe_redirect.hooks import StreamHooks, reaim_in_child
 from safe_redirect.launchers import detect_rank, set_thread_rank, watch_torch_xla
 from safe_redirect.ring import Producer, Ring, sweep_orphaned_segments
-from safe_redirect.spawn import AttachInfo, ensure_pth, export, unexport
+from safe_redirect.spawn import (
+    AttachInfo,
+    ensure_pth,
+    export,
+    forkserver_pid,
+    stop_forkserver_started_since,
+    unexport,
+)
 from safe_redirect.stamp import (
     Stamp,
     fork_generation,
@@ -133,6 +140,7 @@ class Session:
         if ensure_pth() is None:
             _warn("safe_redirect: no writable site-packages for safe_redirect.pth: spawned "
                   "processes will not be captured")
+        self._forkserver_before = forkserver_pid()
         self._previous_env = export(self._attach_info)
         self._register()
 
@@ -249,6 +257,7 @@ class Session:
         self._ring.segment.mark_closed()  # children still writing detach at their next write
         self._final_stats = self.stats()
         self._finish()
+        stop_forkserver_started_since(self._forkserver_before)
         if not delivered:
             _warn(f"safe_redirect: final delivery timed out after {timeout} s")
 

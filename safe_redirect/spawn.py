@@ -16,12 +16,13 @@ from __future__ import annotations
 import json
 import os
 import site
+import sys
 import sysconfig
 from dataclasses import asdict, dataclass
 
 __all__ = [
     "ENV_VAR", "PATCH_VAR", "PTH_LINE", "PTH_NAME", "AttachInfo", "ensure_pth", "export",
-    "unexport",
+    "forkserver_pid", "stop_forkserver_started_since", "unexport",
 ]
 
 ENV_VAR = "SAFE_REDIRECT_ATTACH"
@@ -73,6 +74,28 @@ def unexport(info: AttachInfo, previous: str | None) -> None:
         del os.environ[ENV_VAR]
     else:
         os.environ[ENV_VAR] = previous
+
+
+def forkserver_pid() -> int | None:
+    """The pid of this process's multiprocessing forkserver, if one runs."""
+    forkserver = sys.modules.get("multiprocessing.forkserver")
+    pid = getattr(getattr(forkserver, "_forkserver", None), "_forkserver_pid", None)
+    return pid if isinstance(pid, int) else None
+
+
+def stop_forkserver_started_since(pid_before: int | None) -> None:
+    """A forkserver is one long-lived process, spawned with the environment of the moment it
+    starts: one started while a session was exported stays attached to that session, and the
+    children it forks for a later session would write into a segment that is gone. So the
+    session that started it stops it when it ends; the next user starts a fresh one.
+    (multiprocessing has no public way; its own tests call `_stop()`.)"""
+    pid_now = forkserver_pid()
+    if pid_now is None or pid_now == pid_before:
+        return
+    server = sys.modules["multiprocessing.forkserver"]._forkserver
+    stop = getattr(server, "_stop", None)
+    if stop is not None:
+        stop()
 
 
 def _site_dirs() -> list[str]:

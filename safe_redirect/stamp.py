@@ -63,18 +63,27 @@ class Stamp:
 
 
 def process_name() -> str:
-    """multiprocessing's name for this process ("SpawnPoolWorker-3"), or "" for a main process."""
+    """multiprocessing's name for this process ("SpawnPoolWorker-3"), or "" for a main process
+    and for a child of a bare `os.fork()`, which still holds its parent's Process object."""
     multiprocessing = sys.modules.get("multiprocessing")
     if multiprocessing is None:
         return ""
-    name: str = multiprocessing.current_process().name
+    current = multiprocessing.current_process()
+    if current is _inherited_process:
+        return ""
+    name: str = current.name
     return "" if name == "MainProcess" else name
 
 
+# multiprocessing's Process object as a fork left it; its own children replace it at once
+_inherited_process: object | None = None
 _child_handlers: list[Callable[[], None]] = []
 
 
 def _run_child_handlers() -> None:
+    global _inherited_process
+    multiprocessing = sys.modules.get("multiprocessing")
+    _inherited_process = multiprocessing.current_process() if multiprocessing else None
     for handler in list(_child_handlers):
         try:
             handler()

@@ -78,6 +78,41 @@ def test_a_python_subprocess_and_its_own_children_are_captured(capture) -> None:
     assert "subprocess" in done.stdout  # the terminal (here: the pipe) still gets everything
 
 
+def test_a_forkserver_started_in_one_session_does_not_swallow_the_next_sessions_children(
+        ) -> None:
+    """A forkserver attaches to the session exported when it starts and outlives it; the session
+    that started it stops it, so the next session's forkserver children attach to the next."""
+    context = multiprocessing.get_context("forkserver")
+    for round_ in range(2):
+        records: list[Record] = []
+        with safe_redirect.install(on_output=records.append) as session:
+            (child,) = run_all([context.Process(target=_spawned_work, args=(round_,))])
+            assert session.flush(timeout=30)
+        assert lines_by_origin(records)[(child.pid, "stdout")] == [f"spawned {round_} out"]
+    assert spawn.forkserver_pid() is None  # stopped with the session that started it
+
+
+def _bare_fork_tags() -> None:
+    pid = os.fork()
+    if pid == 0:
+        print("bare fork of a multiprocessing child")
+        sys.stdout.flush()
+        os._exit(0)
+    assert os.waitpid(pid, 0)[1] == 0
+    print("multiprocessing child")
+
+
+def test_a_bare_fork_of_a_multiprocessing_child_is_not_tagged_with_its_parents_name(
+        capture) -> None:
+    session, records = capture
+    (child,) = run_all([multiprocessing.get_context("fork").Process(target=_bare_fork_tags)])
+    assert session.flush(timeout=30)
+    tags = {r.text: (r.pid, r.tag) for r in records if r.pid != os.getpid()}
+    assert tags["multiprocessing child\n"] == (child.pid, f"[{child.name}] ")
+    grandchild_pid, tag = tags["bare fork of a multiprocessing child\n"]
+    assert tag == f"[pid{grandchild_pid}] " and grandchild_pid != child.pid
+
+
 def test_processes_spawned_after_uninstall_run_uncaptured() -> None:
     records: list[Record] = []
     with safe_redirect.install(on_output=records.append) as session:
