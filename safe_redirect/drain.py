@@ -134,6 +134,9 @@ class LaneReader:
         self.tag = "" if master else render_tag(template, rank, pid, name)
         self._streams: dict[tuple[int, int], _StreamState] = {}  # by (stream, thread)
         self.pipes: dict[int, int] = {}  # fd mode: stream -> our read end of the owner's pipe
+        #: the rank its records carried last (a child's pump stamps the rank it reads from the
+        #: environment): what is recovered from its pipes after its death is tagged with it too
+        self.last_thread_rank = -1
 
     def close_pipes(self) -> None:
         for fd in self.pipes.values():
@@ -165,6 +168,8 @@ class LaneReader:
                 out.append(record)
 
         for stream, flags, time_ns, payload, thread, thread_rank in records:
+            if thread_rank >= 0:
+                self.last_thread_rank = thread_rank
             state = self._streams.get((stream, thread))
             if state is None:
                 state = self._streams[(stream, thread)] = _StreamState()
@@ -371,7 +376,7 @@ class Drain:
             reader = self._reader(lane) or LaneReader(info.owner_pid, 0, None)
             self._hand_over(reader.feed(self._segment.read(lane, 1 << 62)))
             if info.state != _ring.LANE_CLOSED:  # died: its pump may not have emptied its pipes
-                left = [(stream, 0, time.time_ns(), read_available(fd), 0, -1)
+                left = [(stream, 0, time.time_ns(), read_available(fd), 0, reader.last_thread_rank)
                         for stream, fd in reader.pipes.items()]
                 for stream, _, _, data, _, _ in left:
                     if data:

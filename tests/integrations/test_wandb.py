@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -247,3 +248,121 @@ def test_a_child_with_a_run_of_its_own_gets_its_own_lines_and_no_siblings(tmp_pa
     for rank in (1, 2):
         assert master_log.count(f"[rank{rank}] sibling {rank} line 19") == 1
     assert master_log.count("[rank0] rank 0 inside its own run") == 1  # the master sees it too
+
+
+LAUNCHERS_SCRIPT = """
+import multiprocessing, os, subprocess, sys
+import safe_redirect
+
+def square(x):
+    print(f"pool square {x}")
+    return x * x
+
+def raises():
+    os.environ["RANK"] = "7"
+    raise ValueError("boom from a child")
+
+class Numbers:
+    def __len__(self):
+        return 4
+    def __getitem__(self, i):
+        print(f"dataloader item {i}")
+        return i
+
+if __name__ == "__main__":
+    console = sys.argv[1]
+    safe_redirect.patch_wandb()
+    import wandb
+    run = wandb.init(mode="offline", project="safe-redirect-test",
+                     settings=wandb.Settings(console=console))
+    with multiprocessing.get_context("spawn").Pool(2) as pool:
+        assert pool.map(square, range(6)) == [x * x for x in range(6)]
+    subprocess.run([sys.executable, "-c", "print('subprocess line')"], check=True)
+    child = multiprocessing.get_context("fork").Process(target=raises)
+    child.start()
+    child.join(60)
+    assert child.exitcode == 1, child.exitcode
+    try:
+        import torch.utils.data
+    except ImportError:
+        print("no torch")
+    else:
+        loader = torch.utils.data.DataLoader(Numbers(), batch_size=None, num_workers=2)
+        assert sorted(int(x) for x in loader) == [0, 1, 2, 3]
+    run.finish()
+    print(run.settings.files_dir, file=sys.stderr)
+"""
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("console", ["wrap", "redirect"])
+def test_pools_dataloader_workers_subprocesses_and_tracebacks_land_in_output_log(
+        tmp_path, console) -> None:
+    result = run_python_file(tmp_path / "train.py", LAUNCHERS_SCRIPT, 240, args=(console,),
+                             cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = output_log(result).splitlines()
+    # every child's line once, under a tag of its own (wrap: the worker's name; fd mode claims
+    # the lane at start-up, before multiprocessing names the process: its pid)
+    pool = [x for x in lines if "pool square" in x]
+    assert all(re.fullmatch(r"\[(SpawnPoolWorker-\d+|pid\d+)\] pool square \d", x) for x in pool)
+    assert sorted(x.split("] ", 1)[1] for x in pool) == [f"pool square {x}" for x in range(6)]
+    assert len([x for x in lines if re.fullmatch(r"\[pid\d+\] subprocess line", x)]) == 1
+    # the child's traceback, every line of it under the child's tag: its rank (in fd mode, a
+    # child that dies before its pump saw the rank is tagged by pid: the master empties its pipe)
+    (tag,) = {x.split("] ")[0] + "] " for x in lines if x.endswith("] Process ForkProcess-3:")}
+    assert re.fullmatch(r"\[(rank7|pid\d+)\] ", tag)
+    assert console == "redirect" or tag == "[rank7] "
+    traceback = [x for x in lines if x.startswith(tag)]
+    assert traceback[:2] == [tag + "Process ForkProcess-3:",
+                             tag + "Traceback (most recent call last):"]
+    assert traceback[-1] == tag + "ValueError: boom from a child"
+    assert len([x for x in lines if "boom from a child" in x]) == 2  # the raise, and the error
+    if "no torch" not in lines:
+        items = sorted(x.split("] ", 1)[1] for x in lines if "dataloader item" in x)
+        assert items == [f"dataloader item {i}" for i in range(4)]
+
+
+AFTER_FINISH_SCRIPT = """
+import os, sys
+import safe_redirect
+safe_redirect.patch_wandb()
+import wandb
+run = wandb.init(mode="offline", project="safe-redirect-test",
+                 settings=wandb.Settings(console=sys.argv[1]))
+go_r, go_w = os.pipe()
+ready_r, ready_w = os.pipe()
+pid = os.fork()
+if pid == 0:
+    print("child before finish", flush=True)
+    os.write(ready_w, b"1")
+    os.read(go_r, 1)  # the parent has finished its run
+    for i in range(20000):  # 1.6 MB: far more than a pipe or a pty holds
+        print(f"child after finish {i:05d} " + "x" * 60)
+    sys.stdout.flush()
+    os._exit(0)
+os.read(ready_r, 1)
+run.finish()
+os.write(go_w, b"1")
+_, status = os.waitpid(pid, 0)
+print("child exit status", status, file=sys.stderr)
+print(run.settings.files_dir, file=sys.stderr)
+"""
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("console", ["wrap", "redirect"])
+def test_a_child_printing_after_the_runs_finish_never_blocks(tmp_path, console) -> None:
+    """wandb's own redirect hangs here for good: the child fills the pty nobody reads."""
+    result = run_python_file(tmp_path / "after.py", AFTER_FINISH_SCRIPT, 120, args=(console,),
+                             cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "child exit status 0" in result.stderr
+    assert any(x.endswith("] child before finish") for x in output_log(result).splitlines())
+    # after the finish the child's lines went to its terminal, in order, each once
+    after = [x for x in result.stdout.splitlines() if x.startswith("child after finish")]
+    expected = [f"child after finish {i:05d} " + "x" * 60 for i in range(20000)]
+    if console == "wrap":
+        assert after == expected
+    else:  # fd mode: what its pipe held when the child called os._exit() (<= 64 KiB) is lost
+        assert after == expected[:len(after)] and len(after) >= len(expected) - 800
