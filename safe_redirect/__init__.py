@@ -4,16 +4,53 @@ vanishes.
     import safe_redirect
     with safe_redirect.install(on_output=print_somewhere) as h:
         ...fork workers...
+
+The names below load on first use (PEP 562): the pytest plugin imports this package in every
+pytest process, which should not pay for the ring, psutil and the drain until a test captures.
 """
 
-from safe_redirect.drain import Record
-from safe_redirect.launchers import set_thread_rank
-from safe_redirect.session import MODES, OVERFLOW_POLICIES, Session, Stats, install, stats
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from safe_redirect.drain import Record
+    from safe_redirect.launchers import set_thread_rank
+    from safe_redirect.session import (
+        MODES,
+        OVERFLOW_POLICIES,
+        Session,
+        Stats,
+        install,
+        stats,
+    )
 
 __all__ = [
     "MODES", "OVERFLOW_POLICIES", "Record", "Session", "Stats", "install", "patch_wandb",
     "set_thread_rank", "stats", "unpatch_wandb",
 ]
+__version__ = "0.1.0"
+
+_LAZY = {
+    "Record": "safe_redirect.drain",
+    "set_thread_rank": "safe_redirect.launchers",
+    **dict.fromkeys(("MODES", "OVERFLOW_POLICIES", "Session", "Stats", "install", "stats"),
+                    "safe_redirect.session"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'safe_redirect' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY])
 
 
 def patch_wandb() -> None:
@@ -28,4 +65,3 @@ def unpatch_wandb() -> None:
     from safe_redirect.integrations.wandb import unpatch_wandb as unpatch
 
     unpatch()
-__version__ = "0.1.0"

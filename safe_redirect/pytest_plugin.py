@@ -34,12 +34,13 @@ import os
 import sys
 import threading
 from collections.abc import Generator, Iterable, Iterator
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import pytest
 
-from safe_redirect.drain import Interleaver, Record
-from safe_redirect.session import Session, install
+if TYPE_CHECKING:  # imported when a capture starts: loading the plugin stays cheap
+    from safe_redirect.drain import Record
+    from safe_redirect.session import Session
 
 __all__ = ["CaptureResult", "MultiProcessCapture", "capmp"]
 
@@ -71,6 +72,8 @@ class MultiProcessCapture:
     starts (fork, spawn, forkserver, `subprocess` python), children's lines tagged."""
 
     def __init__(self) -> None:
+        from safe_redirect.drain import Interleaver
+
         self.state = CaptureState.NEW
         self._session: Session | None = None  # from the fixture's setup to its teardown
         self._hooked: dict[str, object] = {}  # the stream objects it hooks, by name
@@ -121,6 +124,8 @@ class MultiProcessCapture:
         if self.state is not CaptureState.NEW:
             raise RuntimeError(f"capture is {self.state.value}, not new")
         self._pid = os.getpid()
+        from safe_redirect.session import install
+
         self._session = install(self._collect, mode="wrap", streams=STREAMS)
         self._hooked = {name: getattr(sys, name) for name in STREAMS}
         self.state = CaptureState.CAPTURING
@@ -131,6 +136,8 @@ class MultiProcessCapture:
             return
         new = tuple(name for name in STREAMS if getattr(sys, name) is not self._hooked[name])
         if new:  # a stream hooked by both sessions would deliver each line twice
+            from safe_redirect.session import install
+
             self._phase_session = install(self._collect, mode="wrap", streams=new)
 
     def _end_phase(self) -> None:

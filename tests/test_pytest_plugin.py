@@ -117,7 +117,8 @@ import os
 
 import pytest
 
-import safe_redirect
+import safe_redirect._ring
+import safe_redirect.session
 from helpers import log_run
 
 
@@ -608,7 +609,8 @@ UNUSED = {"test_unused": '''
     import os
     import sys
 
-    import safe_redirect
+    import safe_redirect._ring
+    import safe_redirect.session
     from helpers import fork_children
 
 
