@@ -14,6 +14,8 @@
  *     32  u64 master_start   its start time, microseconds since the epoch
  *     40  u32 closed         1 once the master uninstalled: producers detach at their next write
  *     44  u32 lane_misses    children that found no free lane (they write to their terminal only)
+ *     48  u64 reads          reads that took records from any lane: a producer waiting for room
+ *                            keeps waiting while this moves (the master is reading, if not it)
  *     64  u32 sleeping       1 while the drain thread sleeps on `bell`
  *     68  u32 bell           futex word, bumped to wake the drain thread
  *   then nlanes lanes, each LANE_HEADER + lane_bytes:
@@ -37,6 +39,8 @@
  *     the writing thread's rank where a launcher runs ranks as threads (torch_xla), else -1.
  *     A record may wrap around the end of the ring. A write larger than half the ring is cut into
  *     records flagged FLAG_CONT except the last; the reader joins bytes per stream anyway.
+ *     FLAG_FLUSH marks a flush (no payload); FLAG_GAP a record before which the writer spilled
+ *     the rest of an unfinished line: the reader ends that line there instead of joining.
  *
  * Single producer per lane: a lane belongs to one process, and a record is written by one C call
  * that holds the GIL from the space check to the publish of tail, so threads of one process need
@@ -51,6 +55,7 @@
 #include <string.h>
 #include <time.h>
 #include <pthread.h>
+#include <signal.h>
 #ifdef __linux__
 #include <linux/futex.h>
 #include <sys/syscall.h>
@@ -69,6 +74,7 @@
 
 #define FLAG_CONT 1u
 #define FLAG_FLUSH 2u
+#define FLAG_GAP 4u /* the line this stream had open was spilled in part: it ends before this */
 
 #define KIND_TEXT 0
 #define KIND_BYTES 1
@@ -84,7 +90,8 @@ typedef struct {
     uint64_t master_start;
     _Atomic uint32_t closed;
     _Atomic uint32_t lane_misses;
-    char pad0[64 - 48];
+    _Atomic uint64_t reads;
+    char pad0[64 - 56];
     _Atomic uint32_t sleeping;
     _Atomic uint32_t bell;
     char pad1[64 - 8];
@@ -200,6 +207,18 @@ static void futex_wait_released(_Atomic uint32_t *word, uint32_t seq, double tim
     Py_END_ALLOW_THREADS
 }
 
+/* Test hook (tests/reliability/kill.py): stop this process with SIGSTOP inside its next record
+ * write, at stage 1 (the header is copied), 2 (half the payload is copied) or 3 (all is copied
+ * and counted, tail not yet published), so that a test can SIGKILL a writer at an exact point of
+ * a write. 0, the only value outside such a test, costs one predictable branch per write. */
+static int stop_inside_next_record = 0;
+
+static void stop_here_if(int stage) {
+    if (stop_inside_next_record != stage) return;
+    stop_inside_next_record = 0;
+    raise(SIGSTOP);
+}
+
 static void ring_bell(seg_header *seg) {
     atomic_fetch_add(&seg->bell, 1);
     futex_wake_all(&seg->bell);
@@ -208,7 +227,7 @@ static void ring_bell(seg_header *seg) {
 /* Append `len` bytes as one or more records. Returns the payload bytes published: `len` when all
  * fit, less when the lane filled up (the caller decides how to wait), -1 when the segment is closed. */
 static int64_t ring_append(seg_header *seg, lane_header *lane, unsigned stream, unsigned flags,
-                           const char *src, uint64_t len) {
+                           unsigned first_flags, const char *src, uint64_t len) {
     if (atomic_load_explicit(&seg->closed, memory_order_relaxed)) return -1;
     uint64_t cap = seg->lane_bytes;
     uint64_t max_chunk = cap / 2 - REC_HEADER;
@@ -225,13 +244,22 @@ static int64_t ring_append(seg_header *seg, lane_header *lane, unsigned stream, 
         uint32_t n32 = (uint32_t)chunk;
         memcpy(hdr, &n32, 4);
         hdr[4] = (unsigned char)stream;
-        hdr[5] = (unsigned char)(flags | (done + chunk < len ? FLAG_CONT : 0u));
+        hdr[5] = (unsigned char)(flags | (nrec ? 0u : first_flags) |
+                                 (done + chunk < len ? FLAG_CONT : 0u));
         memcpy(hdr + 6, &slot, 2);
         memcpy(hdr + 8, &thread_rank, 4);
         memset(hdr + 12, 0, 4);
         memcpy(hdr + 16, &t, 8);
         ring_copy_in(data, cap, tail, (const char *)hdr, REC_HEADER);
-        ring_copy_in(data, cap, tail + REC_HEADER, src + done, chunk);
+        if (stop_inside_next_record) { /* test hook */
+            stop_here_if(1);
+            ring_copy_in(data, cap, tail + REC_HEADER, src + done, chunk / 2);
+            stop_here_if(2);
+            ring_copy_in(data, cap, tail + REC_HEADER + chunk / 2, src + done + chunk / 2,
+                         chunk - chunk / 2);
+        } else {
+            ring_copy_in(data, cap, tail + REC_HEADER, src + done, chunk);
+        }
         tail += need;
         done += chunk;
         nrec++;
@@ -239,6 +267,7 @@ static int64_t ring_append(seg_header *seg, lane_header *lane, unsigned stream, 
     if (nrec == 0) return 0;
     if (len) atomic_fetch_add_explicit(&lane->records, nrec, memory_order_relaxed); /* not markers */
     atomic_fetch_add_explicit(&lane->bytes, done, memory_order_relaxed);
+    if (stop_inside_next_record) stop_here_if(3); /* test hook */
     /* Dekker with the consumer's wait: publish tail, then look whether it sleeps. A sequentially
      * consistent exchange is the publishing store and the full barrier in one instruction (xchg
      * on x86), cheaper than a release store followed by a fence. */
@@ -373,9 +402,9 @@ static PyObject *Segment_claim(SegmentObject *self, PyObject *args) {
     long long rank;
     const char *name = "";
     Py_ssize_t name_len = 0;
-    int out_fd = -1, err_fd = -1;
-    if (!PyArg_ParseTuple(args, "KKL|y#ii", &pid, &start, &rank, &name, &name_len, &out_fd,
-                          &err_fd))
+    int out_fd = -1, err_fd = -1, count_miss = 1;
+    if (!PyArg_ParseTuple(args, "KKL|y#iip", &pid, &start, &rank, &name, &name_len, &out_fd,
+                          &err_fd, &count_miss))
         return NULL;
     if (!segment_ready(self)) return NULL;
     if (pid == 0) {
@@ -399,7 +428,8 @@ static PyObject *Segment_claim(SegmentObject *self, PyObject *args) {
             return PyLong_FromUnsignedLong(i);
         }
     }
-    atomic_fetch_add(&self->hdr->lane_misses, 1);
+    /* a process that retries counts once, at its last try: lane_misses counts processes */
+    if (count_miss) atomic_fetch_add(&self->hdr->lane_misses, 1);
     return PyLong_FromLong(-1);
 }
 
@@ -462,12 +492,12 @@ static int read_record_header(const char *data, uint64_t cap, uint64_t pos, uint
 }
 
 /* Shrink the joined payload of a run to its size and append
- * (stream, 0, time, payload, thread, rank). */
+ * (stream, flags, time, payload, thread, rank); flags: FLAG_GAP if the run's first record had it. */
 static int close_run(PyObject *out, PyObject **payload, Py_ssize_t filled, unsigned stream,
-                     uint64_t t_ns, unsigned thread, int32_t rank) {
+                     unsigned flags, uint64_t t_ns, unsigned thread, int32_t rank) {
     if (_PyBytes_Resize(payload, filled) < 0) return -1; /* frees *payload on failure */
-    PyObject *rec = Py_BuildValue("(iiKNii)", (int)stream, 0, (unsigned long long)t_ns, *payload,
-                                  (int)thread, (int)rank);
+    PyObject *rec = Py_BuildValue("(iiKNii)", (int)stream, (int)flags, (unsigned long long)t_ns,
+                                  *payload, (int)thread, (int)rank);
     *payload = NULL;
     if (!rec) return -1;
     int r = PyList_Append(out, rec);
@@ -506,7 +536,7 @@ static PyObject *Segment_read(SegmentObject *self, PyObject *args) {
     if (!out) return NULL;
     PyObject *payload = NULL; /* the run being joined; its size is an upper bound until done */
     Py_ssize_t filled = 0;
-    unsigned run_stream = 0, run_thread = 0;
+    unsigned run_stream = 0, run_thread = 0, run_flags = 0;
     int32_t run_rank = -1;
     uint64_t run_time = 0;
     while (head < stop) {
@@ -518,8 +548,9 @@ static PyObject *Segment_read(SegmentObject *self, PyObject *args) {
                                 &t_ns, &size))
             goto corrupt;
         if (payload && (stream != run_stream || thread != run_thread || rank != run_rank ||
-                        (flags & FLAG_FLUSH))) {
-            if (close_run(out, &payload, filled, run_stream, run_time, run_thread, run_rank) < 0)
+                        (flags & (FLAG_FLUSH | FLAG_GAP)))) {
+            if (close_run(out, &payload, filled, run_stream, run_flags, run_time, run_thread,
+                          run_rank) < 0)
                 goto fail;
         }
         if (flags & FLAG_FLUSH) {
@@ -540,6 +571,7 @@ static PyObject *Segment_read(SegmentObject *self, PyObject *args) {
                 run_stream = stream;
                 run_thread = thread;
                 run_rank = rank;
+                run_flags = flags & FLAG_GAP;
                 run_time = t_ns;
             }
             ring_copy_out(data, cap, head + REC_HEADER, PyBytes_AS_STRING(payload) + filled, len);
@@ -547,11 +579,12 @@ static PyObject *Segment_read(SegmentObject *self, PyObject *args) {
         }
         head += size;
     }
-    if (payload &&
-        close_run(out, &payload, filled, run_stream, run_time, run_thread, run_rank) < 0)
+    if (payload && close_run(out, &payload, filled, run_stream, run_flags, run_time, run_thread,
+                             run_rank) < 0)
         goto fail;
     if (head != start) {
         atomic_store_explicit(&lane->head, head, memory_order_release);
+        atomic_fetch_add_explicit(&self->hdr->reads, 1, memory_order_relaxed);
         wake_space_waiter(lane);
     }
     return out;
@@ -684,7 +717,8 @@ static PyGetSetDef Segment_getset[] = {
 
 static PyMethodDef Segment_methods[] = {
     {"claim", (PyCFunction)Segment_claim, METH_VARARGS,
-     "claim(pid, start_us, rank, name=b'', stdout_pipe_fd=-1, stderr_pipe_fd=-1) -> lane or -1"},
+     "claim(pid, start_us, rank, name=b'', stdout_pipe_fd=-1, stderr_pipe_fd=-1, count_miss=True)"
+     " -> lane or -1 (a miss is counted in lane_misses if count_miss)"},
     {"placeholder", (PyCFunction)Segment_placeholder, METH_NOARGS,
      "a Producer of no lane whose first use asks the hook's on_fork for a real one"},
     {"producer", (PyCFunction)Segment_producer, METH_O, "producer(lane) -> Producer"},
@@ -728,6 +762,9 @@ typedef struct {
     long index;
     uint64_t generation; /* fork generation of the process that claimed the lane */
     int detached;        /* the lane is closed or the segment is gone: capture nothing more */
+    unsigned skip_line;  /* bit per stream: the line being written there was spilled in part */
+    unsigned mid_line;   /* bit per stream: what this process published there ends inside a line */
+    unsigned gap;        /* bit per stream: its next record carries FLAG_GAP */
 } ProducerObject;
 
 static PyObject *Segment_producer(SegmentObject *self, PyObject *arg) {
@@ -743,6 +780,7 @@ static PyObject *Segment_producer(SegmentObject *self, PyObject *arg) {
     p->index = i;
     p->generation = atomic_load(&fork_generation);
     p->detached = 0;
+    p->skip_line = p->mid_line = p->gap = 0;
     return (PyObject *)p;
 }
 
@@ -756,6 +794,7 @@ static PyObject *Segment_placeholder(SegmentObject *self, PyObject *unused) {
     p->index = -1;
     p->generation = UINT64_MAX; /* never the current generation: the first write attaches */
     p->detached = 1;
+    p->skip_line = p->mid_line = p->gap = 0;
     return (PyObject *)p;
 }
 
@@ -772,9 +811,32 @@ static int producer_live(ProducerObject *p) {
 static int64_t producer_append(ProducerObject *p, unsigned stream, unsigned flags, const char *buf,
                                uint64_t len) {
     if (!producer_live(p)) return -1;
-    int64_t n = ring_append(p->segment->hdr, p->lane, stream, flags, buf, len);
-    if (n < 0) p->detached = 1;
-    return n;
+    uint64_t skipped = 0;
+    if ((p->skip_line >> stream) & 1u && len) {
+        /* The start of this line was spilled: spill the rest of it too, up to its end, so that
+         * the lane never holds a line's tail without its head (a phantom empty line, say). */
+        while (skipped < len && buf[skipped] != '\n' && buf[skipped] != '\r') skipped++;
+        if (skipped < len) {
+            skipped++; /* the line end goes with its line */
+            p->skip_line &= ~(1u << stream);
+        }
+        atomic_fetch_add(&p->lane->spilled_records, 1);
+        atomic_fetch_add(&p->lane->spilled_bytes, skipped);
+        if (skipped == len) return (int64_t)len;
+    }
+    unsigned bit = 1u << stream;
+    int64_t n = ring_append(p->segment->hdr, p->lane, stream, flags, p->gap & bit ? FLAG_GAP : 0u,
+                            buf + skipped, len - skipped);
+    if (n < 0) {
+        p->detached = 1;
+        return n;
+    }
+    if (n > 0) {
+        char last = buf[skipped + (uint64_t)n - 1];
+        p->gap &= ~bit;
+        p->mid_line = last == '\n' || last == '\r' ? p->mid_line & ~bit : p->mid_line | bit;
+    }
+    return n + (int64_t)skipped;
 }
 
 static PyObject *Producer_append(ProducerObject *self, PyObject *const *args, Py_ssize_t nargs) {
@@ -833,6 +895,26 @@ static PyObject *Producer_wait_space(ProducerObject *self, PyObject *args) {
     return PyBool_FromLong(cap - used >= need);
 }
 
+/* The writer spilled `rest` of a write on `stream` (it reached the terminal only). Keep lines
+ * whole in the lane: a line whose head is in the lane ends there (its next record carries
+ * FLAG_GAP), and a line whose head was spilled is spilled up to its end (skip_line). */
+static PyObject *Producer_spilled(ProducerObject *self, PyObject *args) {
+    int stream, line_ended;
+    if (!PyArg_ParseTuple(args, "ip", &stream, &line_ended)) return NULL;
+    if (stream < 0 || stream > 7) {
+        PyErr_SetString(PyExc_ValueError, "stream must be 0..7");
+        return NULL;
+    }
+    unsigned bit = 1u << stream;
+    if (self->mid_line & bit) self->gap |= bit;
+    self->mid_line &= ~bit;
+    if (line_ended)
+        self->skip_line &= ~bit;
+    else
+        self->skip_line |= bit;
+    Py_RETURN_NONE;
+}
+
 static PyObject *Producer_close(ProducerObject *self, PyObject *unused) {
     if (producer_live(self)) atomic_store(&self->lane->state, LANE_CLOSED);
     if (self->lane && self->segment->has_view) ring_bell(self->segment->hdr);
@@ -843,6 +925,15 @@ static PyObject *Producer_close(ProducerObject *self, PyObject *unused) {
 static PyObject *Producer_head(ProducerObject *self, void *closure) {
     if (!self->lane || !self->segment->has_view) return PyLong_FromLong(0);
     return PyLong_FromUnsignedLongLong(atomic_load(&self->lane->head));
+}
+
+/* How far the consumer has got, for a producer that waits for room: its lane's head plus the
+ * reads of every lane. It moves while the master reads anything, even while it is busy with
+ * other lanes before it comes back to this one. */
+static PyObject *Producer_progress(ProducerObject *self, void *closure) {
+    if (!self->lane || !self->segment->has_view) return PyLong_FromLong(0);
+    return PyLong_FromUnsignedLongLong(atomic_load(&self->lane->head) +
+                                       atomic_load(&self->segment->hdr->reads));
 }
 
 static PyObject *Producer_get_pipes_acked(ProducerObject *self, void *closure) {
@@ -874,6 +965,9 @@ static PyGetSetDef Producer_getset[] = {
     {"pipes_acked", (getter)Producer_get_pipes_acked, NULL,
      "fd mode: the consumer holds read ends of this process's pipes", NULL},
     {"head", (getter)Producer_head, NULL, "bytes the consumer has taken from this lane", NULL},
+    {"progress", (getter)Producer_progress, NULL,
+     "this lane's head plus the consumer's reads of every lane: moves while the master reads",
+     NULL},
     {NULL},
 };
 
@@ -884,6 +978,8 @@ static PyMethodDef Producer_methods[] = {
      "wait_space(need, timeout) -> bool: sleep until the consumer frees `need` bytes of room"},
     {"count", (PyCFunction)Producer_count, METH_VARARGS,
      "count(spilled_records, spilled_bytes, stalls): add to the lane's counters"},
+    {"spilled", (PyCFunction)Producer_spilled, METH_VARARGS,
+     "spilled(stream, line_ended): the rest of a write was spilled; keep the lane's lines whole"},
     {"close", (PyCFunction)Producer_close, METH_NOARGS,
      "mark the lane closed: the consumer drains it, then frees it"},
     {NULL},
@@ -1127,6 +1223,17 @@ static PyObject *ring_get_thread_rank(PyObject *mod, PyObject *unused) {
     return PyLong_FromLong(thread_rank);
 }
 
+static PyObject *ring_stop_inside_next_record(PyObject *mod, PyObject *arg) {
+    long stage = PyLong_AsLong(arg);
+    if (stage == -1 && PyErr_Occurred()) return NULL;
+    if (stage < 0 || stage > 3) {
+        PyErr_SetString(PyExc_ValueError, "stage must be 0 (off), 1, 2 or 3");
+        return NULL;
+    }
+    stop_inside_next_record = (int)stage;
+    Py_RETURN_NONE;
+}
+
 static PyObject *ring_fork_generation(PyObject *mod, PyObject *unused) {
     return PyLong_FromUnsignedLongLong(atomic_load(&fork_generation));
 }
@@ -1138,6 +1245,9 @@ static PyMethodDef module_methods[] = {
     {"set_thread_rank", ring_set_thread_rank, METH_O,
      "set_thread_rank(rank): the rank this thread's records carry (-1: the process's)"},
     {"thread_rank", ring_get_thread_rank, METH_NOARGS, "the rank this thread's records carry"},
+    {"_stop_inside_next_record", ring_stop_inside_next_record, METH_O,
+     "test hook: SIGSTOP this process inside its next record write, at stage 1 (header copied), "
+     "2 (half the payload copied) or 3 (tail not yet published); 0: off"},
     {"fork_generation", ring_fork_generation, METH_NOARGS,
      "how many forks lie between this process and the one that loaded the module"},
     {NULL},
@@ -1168,6 +1278,7 @@ PyMODINIT_FUNC PyInit__ring(void) {
         PyModule_AddIntConstant(m, "LANE_CLOSED", LANE_CLOSED) < 0 ||
         PyModule_AddIntConstant(m, "FLAG_CONT", FLAG_CONT) < 0 ||
         PyModule_AddIntConstant(m, "FLAG_FLUSH", FLAG_FLUSH) < 0 ||
+        PyModule_AddIntConstant(m, "FLAG_GAP", FLAG_GAP) < 0 ||
         PyModule_AddIntConstant(m, "KIND_TEXT", KIND_TEXT) < 0 ||
         PyModule_AddIntConstant(m, "KIND_BYTES", KIND_BYTES) < 0 ||
         PyModule_AddIntConstant(m, "KIND_FLUSH", KIND_FLUSH) < 0 ||

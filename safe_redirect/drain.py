@@ -62,21 +62,24 @@ class Interleaver:
     def __init__(self, one_log: bool = False) -> None:
         #: both streams go to one log (wandb's output.log): a line open on stdout is open there
         self._one_log = one_log
-        self._open: dict[str, tuple[int, str, str]] = {}  # log -> the writer whose line is open
+        # log -> (the writer whose line is open, whether it ended in "\r" to be drawn over)
+        self._open: dict[str, tuple[tuple[int, str, str], bool]] = {}
 
     def render(self, record: Record) -> str:
         writer = (record.pid, record.tag, record.stream)
         log = "log" if self._one_log else record.stream
-        holder = self._open.get(log)
+        holder, redraw = self._open.get(log, (None, False))
         if holder != writer and record.continued:  # its line was cut off: tag the rest anew
             record = replace(record, continued=False)
         text = record.tagged()
-        if holder is not None and holder != writer:
+        # a new line of the same writer after an unfinished one (cut short by a spill, or
+        # another thread's): it starts a line of its own too, unless it draws over a "\r"
+        if holder is not None and (holder != writer or not (record.continued or redraw)):
             text = "\n" + text
         if record.text.endswith("\n"):
             self._open.pop(log, None)
         else:
-            self._open[log] = writer
+            self._open[log] = (writer, record.text.endswith("\r"))
         return text
 
 
@@ -156,16 +159,19 @@ class LaneReader:
         """Whole lines found in `records`; consecutive lines of one stream and origin share a
         Record. Lines are rebuilt per writing thread: two threads never splice into one line."""
         out: list[Record] = []
+        cut_before = False  # a line was cut short (FLAG_GAP): the next text must not join it
 
         def emit(state: _StreamState, stream: int, text: str, time_ns: int,
                  thread_rank: int) -> None:
+            nonlocal cut_before
             record = self._record(stream, text, time_ns, thread_rank, state.delivered(text))
             last = out[-1] if out else None
-            if last and (last.stream, last.tag, last.rank) == (record.stream, record.tag,
-                                                                record.rank):
+            if last and not cut_before and (last.stream, last.tag, last.rank) == (
+                    record.stream, record.tag, record.rank):
                 out[-1] = replace(last, text=last.text + text)
             else:
                 out.append(record)
+            cut_before = False
 
         for stream, flags, time_ns, payload, thread, thread_rank in records:
             if thread_rank >= 0:
@@ -181,6 +187,15 @@ class LaneReader:
                     emit(state, stream, text, state.partial_time or time_ns, state.rank)
                 state.partial = ""
                 continue
+            if flags & _ring.FLAG_GAP:
+                # The writer spilled the rest of the line it had open (a full lane): that line
+                # ends here as it is, in a Record of its own; what follows starts a new line.
+                head = state.partial + state.decoder.decode(b"", final=True)
+                state.partial = ""
+                if head:
+                    emit(state, stream, head, state.partial_time or time_ns, state.rank)
+                    state.mid_line = False
+                    cut_before = True
             text = state.decoder.decode(payload)
             if not text:
                 continue

@@ -118,10 +118,10 @@ class Session:
             if self._mode == "fd":
                 self._fd = FdCapture(self._hooks.streams, self._capture_fd)
                 self._fd.start()
-                _drain_pumps_of_multiprocessing_children(self)
             else:
                 self._hooks.install(self._producer)
                 self._hooks.skip_thread(drain_ident)
+            _finish_multiprocessing_children(self)
         except BaseException:
             self._hooks.uninstall()
             if self._fd is not None:
@@ -169,9 +169,9 @@ class Session:
             # of our own (there is no first write to wait for).
             reopen_terminal(info.master_pid, info.terminal_fds, self._hooks.streams)
             self._become_child()
-            _drain_pumps_of_multiprocessing_children(self)  # a forkserver forks from here
         else:
             self._hooks.install(self._ring.segment.placeholder())
+        _finish_multiprocessing_children(self)  # a forkserver forks from here
         self._register()
         return self
 
@@ -186,10 +186,13 @@ class Session:
         self._stall_timeout = stall_timeout
         self._exit_timeout = exit_timeout
         self._callback_errors = 0
-        self._stalled_head: int | None = None  # lane head when we last spilled for a stall
+        self._stalled_progress: int | None = None  # reader progress when we last spilled (stall)
         self._spill_reported = False
         self._final_stats: Stats | None = None
         self._attaching: dict[int, int] = {}  # fork generation -> thread attaching a lane
+        # uninstall() and stats() of the master from several threads at once (a with-block and
+        # atexit, say) must not see the segment released under them; a child never takes it
+        self._master_lock = threading.RLock()
         self._hooks = StreamHooks(streams, self._on_fork, self._on_full)
         self._mode = mode
         self._fd = None
@@ -248,13 +251,20 @@ class Session:
         if self._in_child():
             self._uninstall_in_child()
             return
+        with self._master_lock:
+            if self.state is State.INSTALLED:  # not uninstalled by another thread meanwhile
+                self._uninstall_master(timeout)
+
+    def _uninstall_master(self, timeout: float | None) -> None:
         self._hooks.uninstall()
         unexport(self._attach_info, self._previous_env)
         if self._fd is not None and not self._fd.stop(timeout):
             _warn(f"safe_redirect: the fd pump did not drain within {timeout} s")
+        # Children still writing detach at their next write, *then* the final drain: whatever
+        # a child published before that is delivered; nothing is left unread in a lane.
+        self._ring.segment.mark_closed()
         assert self._drain is not None
         delivered = self._drain.stop(timeout)
-        self._ring.segment.mark_closed()  # children still writing detach at their next write
         self._final_stats = self.stats()
         self._finish()
         stop_forkserver_started_since(self._forkserver_before)
@@ -295,6 +305,12 @@ class Session:
 
     def stats(self) -> Stats:
         """Counters so far; after uninstall(), the totals it ended with."""
+        if self.state is not State.INSTALLED or not self._owner.is_me():
+            return self._stats()  # a child never takes the lock: a fork may have left it held
+        with self._master_lock:
+            return self._stats()
+
+    def _stats(self) -> Stats:
         if self.state is State.UNINSTALLED:
             return self._final_stats or Stats()
         seg = self._ring.segment
@@ -356,7 +372,7 @@ class Session:
             return
         try:
             self._enter_child_state()
-            self._stalled_head = None
+            self._stalled_progress = None
             if self._mode == "fd":
                 self._attach_fd_capture()
             else:
@@ -412,8 +428,10 @@ class Session:
         me = Stamp.current()
         rank = detect_rank()
         name = process_name().encode("utf-8", "replace")[:31]
-        for attempt in range(20):
-            lane = seg.claim(me.pid, me.start_us, -1 if rank is None else rank, name, *pipe_fds)
+        attempts = 20
+        for attempt in range(attempts):
+            lane = seg.claim(me.pid, me.start_us, -1 if rank is None else rank, name, *pipe_fds,
+                             attempt == attempts - 1)  # lane_misses counts processes, not tries
             if lane >= 0:
                 return seg.producer(lane)
             seg.wake()  # the master frees the lanes of exited children when asked
@@ -428,7 +446,24 @@ class Session:
             self._fd.stop(timeout=1.0)
         if self._producer is not None:
             self._producer.close()  # the master drains what is left, then frees the lane
+        self._unlink_if_master_died()
         self._finish()
+
+    def _unlink_if_master_died(self) -> None:
+        """A child leaving: if its master was killed, remove the segment's name, which nobody
+        else would (/dev/shm stays clean when the children of a SIGKILLed master exit)."""
+        try:
+            if not self._ring.segment.released:
+                self._ring.unlink_if_orphaned()
+        except OSError:
+            pass
+
+    def _at_multiprocessing_child_exit(self) -> None:
+        """The exit of a multiprocessing child (its finalizers run, atexit does not)."""
+        if self.state is State.UNINSTALLED:
+            return
+        self.drain_fd_pump()
+        self._unlink_if_master_died()
 
     # -- a full lane
 
@@ -438,13 +473,15 @@ class Session:
 
     def _append_rest(self, producer: Producer, stream: int, rest: bytes) -> None:
         """What did not fit: wait for room as the overflow policy says, else spill it."""
-        if self._overflow == "spill" or self._stalled_head == producer.head:
-            self._spill(producer, rest)
+        if self._overflow == "spill" or self._stalled_progress == producer.progress:
+            self._spill(producer, stream, rest)
             return
         producer.count(0, 0, 1)
         now = time.monotonic()
         deadline, next_check = now + self._stall_timeout, now + 0.1
-        head = producer.head
+        # A stall is the master reading nothing at all, not just nothing of this lane: under
+        # load one pass over many full lanes can take longer than stall_timeout.
+        progress = producer.progress
         while True:
             # sleeps until the drain frees room (it rings the lane's futex), 0.1 s at most
             producer.wait_space(len(rest) + _ring.REC_HEADER, 0.1)
@@ -453,11 +490,11 @@ class Session:
                 return  # the master uninstalled: nothing more to capture
             rest = rest[written:]
             if not rest:
-                self._stalled_head = None
+                self._stalled_progress = None
                 return
             now = time.monotonic()
-            if producer.head != head:
-                head, deadline = producer.head, now + self._stall_timeout
+            if producer.progress != progress:
+                progress, deadline = producer.progress, now + self._stall_timeout
             elif now >= deadline:
                 break
             if now >= next_check:
@@ -466,17 +503,20 @@ class Session:
                     self._producer = None
                     self._hooks.set_producer(None)
                     break
-        self._spill(producer, rest)
+        self._spill(producer, stream, rest)
 
     def _reader_alive(self) -> bool:
         if self.state is State.INSTALLED:
             return self._drain is not None and self._drain.alive
         return not self._ring.unlink_if_orphaned()
 
-    def _spill(self, producer: Producer, rest: bytes) -> None:
-        """The bytes already went to the terminal; count them, and say so once."""
+    def _spill(self, producer: Producer, stream: int, rest: bytes) -> None:
+        """The bytes already went to the terminal; count them, and say so once. Lines stay whole
+        in the lane (the producer sees to it): a line spilled in part is spilled to its end, and
+        a line whose head is in the lane is cut there, never joined with the next one."""
         producer.count(1, len(rest), 0)
-        self._stalled_head = producer.head
+        producer.spilled(stream, rest.endswith((b"\n", b"\r")))
+        self._stalled_progress = producer.progress
         if not self._spill_reported:
             self._spill_reported = True
             _warn(f"safe_redirect: pid {os.getpid()}: lane full and the master is not reading; "
@@ -484,13 +524,15 @@ class Session:
                   "stats().spilled_bytes)")
 
 
-def _drain_pumps_of_multiprocessing_children(session: Session) -> None:
+def _finish_multiprocessing_children(session: Session) -> None:
     """A multiprocessing child ends with os._exit(): atexit does not run there, its finalizers do.
-    Register, in each such child as it starts, a finalizer that empties the child's pipes."""
+    Register, in each such child as it starts, a finalizer that empties the child's pipes (fd
+    mode) and removes the segment's name if the master died."""
     import multiprocessing.util
 
     def child_started(session: Session) -> None:
-        multiprocessing.util.Finalize(None, session.drain_fd_pump, exitpriority=-100)
+        multiprocessing.util.Finalize(None, session._at_multiprocessing_child_exit,
+                                      exitpriority=-100)
 
     multiprocessing.util.register_after_fork(session, child_started)
 

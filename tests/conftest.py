@@ -141,3 +141,10 @@ def no_leaked_segments() -> Iterator[None]:
     yield
     leaked = mine() - before
     assert not leaked, f"segments left behind: {leaked}"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    """`--soak`: run the soak tests (tests/reliability/test_soak.py) at full size; without it
+    they run at a size that fits a CI budget."""
+    parser.addoption("--soak", action="store_true", default=False,
+                     help="run the reliability soak at full size (8 producers x 1,000,000 lines)")

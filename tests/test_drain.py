@@ -186,3 +186,17 @@ def test_in_one_log_a_line_open_on_stdout_is_not_continued_by_stderr() -> None:
     records = [rec("50%\r", 1), rec("warning\n", 1, stream="stderr"), rec("60%\r", 1)]
     assert [interleaver.render(r) for r in records] == [
         "[rank1] 50%\r", "\n[rank1] warning\n", "[rank1] 60%\r"]
+
+
+def test_a_line_cut_short_is_not_joined_by_its_writers_next_line() -> None:
+    # a spill cut "abc" short (its rest went to the terminal only): the next line is a new one
+    assert interleave(rec("abc", 1), rec("next\n", 1)) == "[rank1] abc\n[rank1] next\n"
+
+
+def test_a_flag_gap_ends_the_line_its_writer_had_open() -> None:
+    r = reader()
+    gap = (OUT, _ring.FLAG_GAP, 5, b"next\n", 1, -1)
+    records = r.feed([data(OUT, b"head of a line "), gap])
+    assert [(x.text, x.continued) for x in records] == [("head of a line ", False),
+                                                         ("next\n", False)]
+    assert interleave(*records) == "[rank3] head of a line \n[rank3] next\n"
