@@ -265,7 +265,10 @@ class FdCapture:
             data = read_available(r) if everything else os.read(r, _CHUNK)
         except BlockingIOError:
             return
-        if not data:  # every writer closed its end (fd 1 itself, if the user closed it)
+        if not data:
+            if everything:
+                return  # empty right now is not the end: that shows as POLLHUP, then a plain read
+            # every writer closed its end (fd 1 itself, if the user closed it)
             poller.unregister(r)
             open_readers.discard(r)
             os.close(r)

@@ -11,6 +11,7 @@ import sys
 from collections.abc import Iterator
 
 import safe_redirect
+import safe_redirect.session
 from safe_redirect import Record
 
 from .conftest import (
@@ -174,3 +175,31 @@ def test_fd_mode_end_to_end_terminal_and_records(tmp_path) -> None:
     assert pids["worker spawn c-level"] == pids["worker spawn print"]
     assert len({pids["shell in master"], pids["worker fork print"],
                 pids["worker spawn print"]}) == 3
+
+
+def test_flushing_an_empty_pipe_keeps_capturing() -> None:
+    """A flush that finds the pipes empty must not take that for their end: before, the master's
+    next write raised BrokenPipeError and a child's filled its pipe and blocked for good."""
+    with fd_capture() as (session, records):
+        os.write(1, b"one\n")
+        assert session.flush(timeout=10) and session.flush(timeout=10)  # the second finds none
+        os.write(1, b"two\n")
+        assert session.flush(timeout=10)
+        assert lines_by_origin(records)[(os.getpid(), "stdout")] == ["one", "two"]
+
+
+def _flushes_its_empty_pump_then_writes_a_lot() -> None:
+    session = safe_redirect.session._sessions[-1]
+    os.write(1, b"before\n")
+    session.drain_fd_pump()
+    session.drain_fd_pump()  # the pipe is empty now
+    for i in range(40000):  # 1.4 MB: more than a pipe holds, if nobody read it any more
+        os.write(1, f"after {i:05d} ".encode() + b"z" * 20 + b"\n")
+
+
+def test_a_child_that_drains_its_empty_pump_keeps_writing() -> None:
+    with fd_capture() as (session, records):
+        (child,) = run_all([FORK.Process(target=_flushes_its_empty_pump_then_writes_a_lot)], 30)
+        assert session.flush(timeout=30)
+        assert lines_by_origin(records)[(child.pid, "stdout")] == [
+            "before", *(f"after {i:05d} " + "z" * 20 for i in range(40000))]

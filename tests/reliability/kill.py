@@ -62,7 +62,8 @@ def _write_forever(run: int, sizes: list[int], progress: mmap.mmap, devnull: int
     """Write records flat out; before write `stop_at[0]`, arm the stop at stage `stop_at[1]`."""
     os.dup2(devnull, 1)  # the terminal: not the point here
     i = 0
-    while True:
+    give_up = time.monotonic() + 120  # the test kills it long before; never outlive a lost test
+    while i & 0xFFF or time.monotonic() < give_up:
         if i == stop_at[0]:
             _ring._stop_inside_next_record(stop_at[1])
         _PROGRESS.pack_into(progress, 0, i + 1, i)

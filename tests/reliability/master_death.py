@@ -36,8 +36,11 @@ def work(k, lines, tmp, master):
     os.dup2(fd, 1)
     with open(f"{tmp}/pid-{k}", "w") as out:
         out.write(str(os.getpid()))
+    import time
     i = 0
-    while os.getppid() == master:  # print until the master is gone, then `lines` more
+    give_up = time.monotonic() + 60  # never print for ever, whatever happens to the test
+    while os.getppid() == master and time.monotonic() < give_up:
+        # print until the master is gone, then `lines` more
         for _ in range(100):
             print(f"child {k} line {i}")
             i += 1
