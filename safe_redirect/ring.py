@@ -11,7 +11,6 @@ from __future__ import annotations
 import builtins
 import mmap
 import os
-import secrets
 import struct
 import tempfile
 from typing import NamedTuple
@@ -69,7 +68,9 @@ class Ring:
         if not 1 <= nlanes <= 65536:
             raise ValueError(f"lanes must be between 1 and 65536, not {nlanes}")
         size = _ring.segment_size(nlanes, lane_bytes)
-        path = os.path.join(_shm_dir(), f"{_PREFIX}{owner.pid}-{secrets.token_hex(4)}")
+        # os.urandom, not secrets.token_hex (the same bytes): `import secrets` loads OpenSSL,
+        # 3.8 MiB of every master's and attached child's memory
+        path = os.path.join(_shm_dir(), f"{_PREFIX}{owner.pid}-{os.urandom(4).hex()}")
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             os.ftruncate(fd, size)
