@@ -2,12 +2,14 @@
 capturing run, and what a 4-process job leaves in the run's output.log. console="off" shows what a
 print costs in a run that captures nothing: wandb's import-time write hook still runs (unpatched).
 
-    python benchmarks/bench_wandb.py [--prints N]
+    python benchmarks/bench_wandb.py [--prints N] [--job-lines N] [--reps N]
 
 Each configuration runs in a fresh interpreter (wandb.init once per process) with stdout on
-/dev/null, WANDB_MODE=offline. The print cost is the median of 5 timed batches, as a ratio to a
-plain print measured in the same process before wandb.init. Results also go to
-benchmarks/results/bench_wandb.json.
+/dev/null, WANDB_MODE=offline, once per repetition. The print cost is the median of 5 timed
+batches, as a ratio to a plain print measured in the same process before wandb.init; the job's wall
+time runs from starting its 4 children to the end of run.finish(), as a ratio to the same job
+without wandb (console "none"). benchmarks/run.py runs this
+as its part 4; alone, the results go to benchmarks/results/bench_wandb.json.
 """
 
 from __future__ import annotations
@@ -15,11 +17,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_wandb.json"
 
@@ -44,8 +49,11 @@ CHILD = textwrap.dedent("""
         if patch:
             import safe_redirect
             safe_redirect.patch_wandb()
-        import wandb
-        run = wandb.init(mode="offline", project="bench", settings=wandb.Settings(console=console))
+        run = None
+        if console != "none":  # "none": no wandb at all, the job's baseline
+            import wandb
+            run = wandb.init(mode="offline", project="bench",
+                             settings=wandb.Settings(console=console))
         if sys.argv[2] == "patched-nocb":  # safe_redirect's own cost: wandb's callbacks detached
             run._out_redir.cbs = run._err_redir.cbs = ()
         batch(prints)  # warm-up
@@ -65,9 +73,10 @@ CHILD = textwrap.dedent("""
             c.start()
         for c in children:
             c.join()
-        run.finish()
+        if run is not None:
+            run.finish()
         job = time.perf_counter() - t0
-        path = os.path.join(run.settings.files_dir, "output.log")
+        path = os.path.join(run.settings.files_dir, "output.log") if run else ""
         log = open(path).read().splitlines() if os.path.exists(path) else []
         child_lines = sum(1 for x in log if "rank " in x and " line " in x)
         json.dump({"plain_ns": plain, "hooked_ns": hooked, "job_s": job,
@@ -91,38 +100,91 @@ def measure(console: str, patch: str, prints: int, workdir: str,
     return result
 
 
-#: "wandb": wandb's own classes; "patched": safe_redirect.patch_wandb(); "patched-nocb": patched,
-#: with wandb's callbacks detached after init: safe_redirect's own share of the cost
-CAPTURES = ("wandb", "patched", "patched-nocb")
+#: (console, capture). Capture "wandb": wandb's own classes; "patched": safe_redirect.patch_wandb();
+#: "patched-nocb": patched, with wandb's callbacks detached after init: safe_redirect's own share
+#: of the cost. console="none" is no wandb at all: the job's baseline; console="off" is a run
+#: that captures nothing (wandb's import-time write hook still runs in every process).
+CONFIGS = (("none", "wandb"), ("off", "wandb"), ("off", "patched"), ("wrap", "wandb"),
+           ("redirect", "wandb"), ("wrap", "patched"), ("redirect", "patched"),
+           ("wrap", "patched-nocb"))
+
+
+def _prints_for(console: str, patch: str, prints: int) -> int:
+    """wandb's own wrap (~700x) and wrap_emu (worse than linear in the lines its emulator holds:
+    8,000 prints took 23 s, 20,000 over 10 min) get a tenth."""
+    slow = patch == "wandb" and console in ("wrap", "wrap_emu")
+    return max(100, prints // 10) if slow else prints
+
+
+def measure_all(reps: int, prints: int, job_lines: int,
+                log: Callable[[str], object] = print) -> dict[str, Any]:
+    """Every configuration in a fresh interpreter per repetition, in rotating order, after one
+    warm-up repetition at a tenth of the sizes. Per repetition: the print ratio (median of 5
+    batches in the run / median of 5 plain batches before wandb.init, same process) and the
+    job's wall time as a ratio to the same job without wandb in the same repetition."""
+    names = ("ratio", "plain_ns", "hooked_ns", "job_s", "job_ratio", "child_lines", "our_cpu",
+             "wandb_core_cpu")
+    samples: dict[str, dict[str, list[float]]] = {
+        f"{c} {p}": {name: [] for name in names} for c, p in CONFIGS}
+    with tempfile.TemporaryDirectory() as workdir:
+        for rep in range(reps + 1):
+            log(f"  repetition {rep}" + (" (warm-up, a tenth of the sizes)" if rep == 0 else ""))
+            k = rep % len(CONFIGS)
+            got = {}
+            for console, patch in (*CONFIGS[k:], *CONFIGS[:k]):
+                n = _prints_for(console, patch, prints)
+                if rep == 0:
+                    measure(console, patch, max(100, n // 10), workdir, max(400, job_lines // 10))
+                else:
+                    got[f"{console} {patch}"] = measure(console, patch, n, workdir, job_lines)
+            for key, r in got.items():
+                row = samples[key]
+                for name in names[1:]:
+                    if name != "job_ratio":
+                        row[name].append(r[name])
+                row["ratio"].append(r["hooked_ns"] / r["plain_ns"])
+                row["job_ratio"].append(r["job_s"] / got["none wandb"]["job_s"])
+    out: dict[str, Any] = {"prints": prints, "job_lines": job_lines, "reps": reps}
+    for key, by in samples.items():
+        console, patch = key.split()
+        out[key] = {"console": console, "capture": patch,
+                    "prints": _prints_for(console, patch, prints),
+                    **{name: summarize(values) for name, values in by.items()}}
+    return out
+
+
+def summarize(values: list[float]) -> dict[str, Any] | None:
+    if not values:
+        return None
+    return {"median": statistics.median(values), "min": min(values), "max": max(values),
+            "n": len(values), "samples": values}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prints", type=int, default=20000,
-                        help="prints per timed batch (a tenth under wandb's own wrap and wrap_emu)")
+                        help="prints per timed batch (a tenth under wandb's own capture)")
     parser.add_argument("--job-lines", type=int, default=400,
                         help="lines the 4-process job prints in all")
+    parser.add_argument("--reps", type=int, default=5, help="repetitions after the warm-up")
     args = parser.parse_args()
-    rows = []
-    with tempfile.TemporaryDirectory() as workdir:
-        for console in ("off", "wrap", "wrap_emu", "redirect"):
-            for patch in CAPTURES[:2] if console == "off" else CAPTURES:
-                # wandb's own wrap (~700x) and wrap_emu (worse than linear in the lines its
-                # emulator holds: 8,000 prints took 23 s, 20,000 over 10 min) get a tenth
-                slow = patch == "wandb" and console in ("wrap", "wrap_emu")
-                r = measure(console, patch, args.prints // 10 if slow else args.prints, workdir,
-                            args.job_lines)
-                rows.append({"console": console, "capture": patch, **r,
-                             "ratio": r["hooked_ns"] / r["plain_ns"]})
+    results = measure_all(args.reps, args.prints, args.job_lines,
+                          lambda m: print(m, file=sys.stderr, flush=True))
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(rows, indent=2))
-    print(f"{'console':9} {'capture':12} {'plain ns':>9} {'in run ns':>10} {'ratio':>7} "
+    RESULTS.write_text(json.dumps(results, indent=2))
+    print(f"{'console':9} {'capture':12} {'plain ns':>9} {'in run ns':>10} {'ratio':>18} "
           f"{'our CPU':>8} {'wandb-core CPU':>15} {'children lines in output.log':>29} "
           f"{'job s':>7}")
-    for r in rows:
-        print(f"{r['console']:9} {r['capture']:12} {r['plain_ns']:9.0f} {r['hooked_ns']:10.0f} "
-              f"{r['ratio']:7.1f} {r['our_cpu']:8.2f} {r['wandb_core_cpu']:15.2f} "
-              f"{int(r['child_lines']):>17} of {args.job_lines:<9} {r['job_s']:7.2f}")
+    for console, patch in CONFIGS:
+        r = results[f"{console} {patch}"]
+        ratio = r["ratio"]
+        print(f"{console:9} {patch:12} {r['plain_ns']['median']:9.0f} "
+              f"{r['hooked_ns']['median']:10.0f} "
+              f"{ratio['median']:7.1f} ({ratio['min']:.1f}-{ratio['max']:.1f}) "
+              f"{r['our_cpu']['median']:8.2f} {r['wandb_core_cpu']['median']:15.2f} "
+              f"{int(r['child_lines']['min']):>17} of {args.job_lines:<9} "
+              f"{r['job_s']['median']:7.2f}")
+    print("median of the repetitions, (min-max); children lines: the fewest in any repetition;")
     print("CPU columns: cores kept busy during the timed prints (this process; wandb-core).")
     return 0
 
