@@ -8,7 +8,6 @@ import subprocess
 import sys
 import textwrap
 import time
-import traceback
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -18,24 +17,14 @@ import pytest
 import safe_redirect
 from safe_redirect import Record
 
+from .children import child_exit
+
 
 def fork_call(fn: Callable[..., Any], *args: Any) -> int:
     """Run fn(*args) in a child made by os.fork(); the child never returns into pytest."""
     pid = os.fork()
     if pid == 0:
-        code = 0
-        try:
-            fn(*args)
-        except BaseException:
-            traceback.print_exc()
-            code = 1
-        finally:
-            for stream in (sys.stdout, sys.stderr):
-                try:
-                    stream.flush()
-                except Exception:
-                    pass
-            os._exit(code)
+        child_exit(lambda: fn(*args))
     return pid
 
 

@@ -10,12 +10,15 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+from ..children import child_exit
+
+__all__ = ["Tally", "child_exit", "common_prefix_length", "is_subsequence", "reap", "wait_until"]
 
 MAX_PROBLEMS = 20
 
@@ -138,22 +141,3 @@ def wait_until(condition: Callable[[], Any], timeout: float, step: float = 0.001
             return False
         time.sleep(step)
     return True
-
-
-def child_exit(body: Callable[[], object]) -> None:
-    """Run `body` in a forked child and leave with os._exit: never back into the caller."""
-    code = 0
-    try:
-        body()
-    except BaseException:
-        import traceback
-
-        traceback.print_exc()
-        code = 1
-    finally:
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except Exception:
-                pass
-        os._exit(code)
