@@ -265,8 +265,15 @@ static int64_t ring_append(seg_header *seg, lane_header *lane, unsigned stream, 
         nrec++;
     } while (done < len);
     if (nrec == 0) return 0;
-    if (len) atomic_fetch_add_explicit(&lane->records, nrec, memory_order_relaxed); /* not markers */
-    atomic_fetch_add_explicit(&lane->bytes, done, memory_order_relaxed);
+    /* Statistics. A lane has one producer, which appends holding the GIL: a plain load and
+     * store, not a locked read-modify-write (measured: a hooked child print 1.24x -> 1.18x). */
+    if (len) /* not markers */
+        atomic_store_explicit(&lane->records,
+                              atomic_load_explicit(&lane->records, memory_order_relaxed) + nrec,
+                              memory_order_relaxed);
+    atomic_store_explicit(&lane->bytes,
+                          atomic_load_explicit(&lane->bytes, memory_order_relaxed) + done,
+                          memory_order_relaxed);
     if (stop_inside_next_record) stop_here_if(3); /* test hook */
     /* Dekker with the consumer's wait: publish tail, then look whether it sleeps. A sequentially
      * consistent exchange is the publishing store and the full barrier in one instruction (xchg
