@@ -1,9 +1,12 @@
-"""The body of a forked child in tests: shared by conftest's fork_call and the fault loops."""
+"""A forked child in tests, its body and its bounded reaping: shared by conftest and the
+fault loops."""
 
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import time
 import traceback
 from collections.abc import Callable
 
@@ -23,3 +26,16 @@ def child_exit(body: Callable[[], object]) -> None:
             except Exception:
                 pass
         os._exit(code)
+
+
+def reap(pid: int, timeout: float) -> int | None:
+    """Wait (bounded) for our child `pid`; its exit code, or None after killing it for hanging."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        time.sleep(0.002)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    return None

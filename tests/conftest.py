@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -17,7 +16,7 @@ import pytest
 import safe_redirect
 from safe_redirect import Record
 
-from .children import child_exit
+from .children import child_exit, reap
 
 
 def fork_call(fn: Callable[..., Any], *args: Any) -> int:
@@ -66,15 +65,10 @@ def seconds_a_child_writes_after_uninstall(session: Any, before: Callable[[], An
 
 def wait_pid(pid: int, timeout: float = 60.0) -> int:
     """The child's exit code; a child still running after `timeout` is killed and the test fails."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            return os.waitstatus_to_exitcode(status)
-        time.sleep(0.005)
-    os.kill(pid, signal.SIGKILL)
-    os.waitpid(pid, 0)
-    pytest.fail(f"child {pid} hung for {timeout} s")
+    code = reap(pid, timeout)
+    if code is None:
+        pytest.fail(f"child {pid} hung for {timeout} s")
+    return code
 
 
 def run_python(code: str, timeout: float = 60.0, **kwargs: Any) -> subprocess.CompletedProcess[str]:

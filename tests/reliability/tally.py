@@ -8,15 +8,13 @@ show every violation at once. A wait that runs out kills what it waited for and 
 from __future__ import annotations
 
 import json
-import os
-import signal
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ..children import child_exit
+from ..children import child_exit, reap
 
 __all__ = ["Tally", "child_exit", "common_prefix_length", "is_subsequence", "reap", "wait_until"]
 
@@ -118,19 +116,6 @@ def common_prefix_length(a: str, b: str) -> int:
 def is_subsequence(items: Iterable[str], sequence: Iterable[str]) -> bool:
     it = iter(sequence)
     return all(any(x == y for y in it) for x in items)
-
-
-def reap(pid: int, timeout: float) -> int | None:
-    """Wait (bounded) for our child `pid`; its exit code, or None after killing it for hanging."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            return os.waitstatus_to_exitcode(status)
-        time.sleep(0.002)
-    os.kill(pid, signal.SIGKILL)
-    os.waitpid(pid, 0)
-    return None
 
 
 def wait_until(condition: Callable[[], Any], timeout: float, step: float = 0.001) -> bool:
