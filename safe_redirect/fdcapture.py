@@ -13,6 +13,7 @@ the child is dead (killed, or gone through os._exit before its pump caught up).
 
 from __future__ import annotations
 
+import fcntl
 import os
 import select
 import stat
@@ -73,9 +74,10 @@ def open_peer_pipe(pid: int, fd: int) -> int | None:
 def reopen_terminal(master_pid: int, terminal_fds: tuple[int, int],
                     streams: Iterable[str]) -> None:
     """In a spawned process of an fd-mode master: fds 1 and 2 are the master's pipes. Point them
-    at the master's terminal again, opened anew through /proc. Only a terminal or a pipe is
-    reopened so (a regular file would be written at a second offset); otherwise this raises
-    and the process stays uncaptured: its output still reaches the master's pipes, once."""
+    at the master's terminal again, opened anew through /proc. A terminal, a pipe, or a regular
+    file the master writes in append mode (its FdCapture sees to that) is reopened so; anything
+    else raises and the process stays uncaptured: its output still reaches the master's pipes,
+    once."""
     opened: dict[int, int] = {}
     try:
         for name in streams:
@@ -83,16 +85,39 @@ def reopen_terminal(master_pid: int, terminal_fds: tuple[int, int],
             saved = terminal_fds[fd - 1]
             if saved < 0:
                 raise OSError(f"the master saved no fd {fd}")
-            new = os.open(f"/proc/{master_pid}/fd/{saved}", os.O_WRONLY | os.O_CLOEXEC)
+            new = os.open(f"/proc/{master_pid}/fd/{saved}",
+                          os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
             opened[fd] = new
             mode = os.fstat(new).st_mode
-            if not (stat.S_ISFIFO(mode) or stat.S_ISCHR(mode)):
-                raise OSError(f"the master's fd {fd} is not a terminal or a pipe")
+            if stat.S_ISREG(mode) and not _appends(master_pid, saved):
+                raise OSError(f"the master's fd {fd} is a file it does not append to")
+            if not (stat.S_ISFIFO(mode) or stat.S_ISCHR(mode) or stat.S_ISREG(mode)):
+                raise OSError(f"the master's fd {fd} is not a terminal, a pipe or a file")
         for fd, new in opened.items():
             os.dup2(new, fd)
     finally:
         for new in opened.values():
             os.close(new)
+
+
+def _appends(pid: int, fd: int) -> bool:
+    """Whether `pid` writes `fd` in append mode (its flags, from /proc/PID/fdinfo)."""
+    with open(f"/proc/{pid}/fdinfo/{fd}", encoding="ascii") as info:
+        for line in info:
+            if line.startswith("flags:"):
+                return bool(int(line.split()[1], 8) & os.O_APPEND)
+    return False
+
+
+def append_if_regular_file(fd: int) -> None:
+    """A terminal that is a regular file (`python train.py > log`) is written in append mode from
+    now on: a spawned child reopens it through /proc, a second open file with an offset of its
+    own, and only appending keeps the two from writing over each other. For one writer that
+    only writes, as stdout is used, appending and writing at the offset are the same."""
+    if stat.S_ISREG(os.fstat(fd).st_mode):
+        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+        if not flags & os.O_APPEND:
+            fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_APPEND)
 
 
 class FdCapture:
@@ -142,6 +167,7 @@ class FdCapture:
         _flush_python_streams()
         for stream, fd in self._targets:
             saved = os.dup(fd)
+            append_if_regular_file(saved)
             r, w = os.pipe()
             os.set_blocking(r, False)
             os.dup2(w, fd)  # inheritable, as fds 1 and 2 were

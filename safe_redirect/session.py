@@ -525,14 +525,21 @@ class Session:
 
 
 def _finish_multiprocessing_children(session: Session) -> None:
-    """A multiprocessing child ends with os._exit(): atexit does not run there, its finalizers do.
-    Register, in each such child as it starts, a finalizer that empties the child's pipes (fd
-    mode) and removes the segment's name if the master died."""
+    """A multiprocessing child ends with os._exit(): atexit does not run there. Register, in each
+    such child as it starts, what empties the child's pipes (fd mode) and removes the segment's
+    name if the master died: a finalizer, and a threading at-exit call, which runs later —
+    after `Process._bootstrap` has printed the traceback of a target that raised."""
     import multiprocessing.util
 
     def child_started(session: Session) -> None:
         multiprocessing.util.Finalize(None, session._at_multiprocessing_child_exit,
                                       exitpriority=-100)
+        register = getattr(threading, "_register_atexit", None)  # CPython 3.9+
+        if register is not None:
+            try:
+                register(session._at_multiprocessing_child_exit)
+            except RuntimeError:  # the interpreter is already shutting down
+                pass
 
     multiprocessing.util.register_after_fork(session, child_started)
 

@@ -27,13 +27,13 @@ def fork_call(fn: Callable[..., Any], *args: Any) -> int:
     return pid
 
 
-def run_all(processes: list[Any], timeout: float = 60.0) -> list[Any]:
-    """Start multiprocessing Processes, join them (bounded) and insist that each exited 0."""
+def run_all(processes: list[Any], timeout: float = 60.0, exitcode: int = 0) -> list[Any]:
+    """Start multiprocessing Processes, join them (bounded) and insist that each exited so."""
     for process in processes:
         process.start()
     for process in processes:
         process.join(timeout)
-        assert process.exitcode == 0, (process, process.exitcode)
+        assert process.exitcode == exitcode, (process, process.exitcode)
     return processes
 
 

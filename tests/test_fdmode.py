@@ -7,8 +7,12 @@ import ctypes
 import multiprocessing
 import os
 import signal
+import subprocess
 import sys
+import textwrap
 from collections.abc import Iterator
+
+import pytest
 
 import safe_redirect
 import safe_redirect.session
@@ -132,8 +136,11 @@ def test_a_child_printing_after_uninstall_never_blocks() -> None:
     assert seconds_a_child_writes_after_uninstall(session, lambda: None, after) < 10
 
 
-def test_fd_mode_end_to_end_terminal_and_records(tmp_path) -> None:
-    """In a fresh interpreter whose terminal is a pipe: spawn and fork children, a shell."""
+@pytest.mark.parametrize("terminal", ["pipe", "file"])
+def test_fd_mode_end_to_end_terminal_and_records(tmp_path, terminal) -> None:
+    """In a fresh interpreter whose terminal is a pipe, or a file (`python train.py > log`, as
+    under a batch scheduler): spawn and fork children, a shell. A spawned child reopens the
+    file in append mode, and the master appends to it too, so no line overwrites another."""
     log = tmp_path / "records.txt"
     script = f"""
         import multiprocessing, os, sys
@@ -160,12 +167,20 @@ def test_fd_mode_end_to_end_terminal_and_records(tmp_path) -> None:
                     assert p.exitcode == 0
             print("after uninstall")
     """
-    result = run_python_file(tmp_path / "main.py", script, timeout=120)
-    assert result.returncode == 0, result.stderr
-    terminal = result.stdout.splitlines()
+    if terminal == "pipe":
+        result = run_python_file(tmp_path / "main.py", script, timeout=120)
+        assert result.returncode == 0, result.stderr
+        shown = result.stdout.splitlines()
+    else:
+        (tmp_path / "main.py").write_text(textwrap.dedent(script))
+        with open(tmp_path / "terminal.txt", "w") as out:
+            result = subprocess.run([sys.executable, str(tmp_path / "main.py")], stdout=out,
+                                    stderr=subprocess.PIPE, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr
+        shown = (tmp_path / "terminal.txt").read_text().splitlines()
     for line in ("shell in master", "worker fork c-level", "worker fork print",
                  "worker spawn c-level", "worker spawn print", "after uninstall"):
-        assert terminal.count(line) == 1, (line, terminal)
+        assert shown.count(line) == 1, (line, shown)
     captured = [line.split(" ", 1) for line in log.read_text().splitlines()]
     texts = sorted(text for _, text in captured)
     assert texts == sorted(["shell in master", "worker fork c-level", "worker fork print",
@@ -203,3 +218,28 @@ def test_a_child_that_drains_its_empty_pump_keeps_writing() -> None:
         assert session.flush(timeout=30)
         assert lines_by_origin(records)[(child.pid, "stdout")] == [
             "before", *(f"after {i:05d} " + "z" * 20 for i in range(40000))]
+
+
+def _raises(n: int) -> None:
+    sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__  # pytest's own are not on fds 1, 2
+    print(f"child {n} before the raise")
+    raise ValueError(f"boom from child {n}")
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_the_traceback_of_a_multiprocessing_child_that_raised_is_captured_whole(method) -> None:
+    """multiprocessing prints a target's traceback after the child's finalizers ran, just before
+    os._exit(): the child's pump must still move it into the lane (before, its first line was
+    lost about every other time)."""
+    context = multiprocessing.get_context(method)
+    with fd_capture() as (session, records):
+        children = run_all([context.Process(target=_raises, args=(n,)) for n in range(6)],
+                           exitcode=1)
+        assert session.flush(timeout=10)
+    by_origin = lines_by_origin(records)
+    for n, child in enumerate(children):
+        assert by_origin[(child.pid, "stdout")] == [f"child {n} before the raise"]
+        err = by_origin[(child.pid, "stderr")]
+        assert err[:2] == [f"Process {child.name}:", "Traceback (most recent call last):"], err
+        assert err[-1] == f"ValueError: boom from child {n}"
