@@ -44,7 +44,8 @@
  *
  * Single producer per lane: a lane belongs to one process, and a record is written by one C call
  * that holds the GIL from the space check to the publish of tail, so threads of one process need
- * no lock. Nothing here ever takes a lock that a fork could leave held.
+ * no lock. In fd mode the process's pump thread is its lane's only writer and appends without
+ * the GIL (ring_pump). Nothing here ever takes a lock that a fork could leave held.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -53,6 +54,11 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
+#include <errno.h>
+#include <sched.h>
+#include <unistd.h>
+#include <poll.h>
+#include <sys/ioctl.h>
 #include <time.h>
 #include <pthread.h>
 #include <signal.h>
@@ -143,7 +149,15 @@ static uint16_t current_thread_slot(void) {
     return thread_slot;
 }
 
-static void after_fork_in_child(void) { atomic_fetch_add(&fork_generation, 1); }
+/* fd pumps of this process inside an append without the GIL (see ring_pump): Producer.close()
+ * and Segment.release() wait until there is none. Per process, not per segment, so that the
+ * fork handler can zero it: a child has no pump thread, whatever the count said at the fork. */
+static _Atomic int pumps_appending = 0;
+
+static void after_fork_in_child(void) {
+    atomic_fetch_add(&fork_generation, 1);
+    atomic_store(&pumps_appending, 0);
+}
 
 static uint64_t now_ns(void) {
     struct timespec ts;
@@ -189,14 +203,13 @@ static void futex_wake_all(_Atomic uint32_t *word) {
 #endif
 }
 
-/* Sleep while *word == seq, at most `timeout` seconds, with the GIL released. Without futexes
+/* Sleep while *word == seq, at most `timeout` seconds; the caller holds no GIL. Without futexes
  * (not Linux) it just sleeps: polling, bounded by the timeout. */
-static void futex_wait_released(_Atomic uint32_t *word, uint32_t seq, double timeout) {
+static void futex_wait(_Atomic uint32_t *word, uint32_t seq, double timeout) {
     if (timeout <= 0) return;
     struct timespec ts;
     ts.tv_sec = (time_t)timeout;
     ts.tv_nsec = (long)((timeout - (double)ts.tv_sec) * 1e9);
-    Py_BEGIN_ALLOW_THREADS
 #ifdef __linux__
     syscall(SYS_futex, (uint32_t *)word, FUTEX_WAIT, seq, &ts, NULL, 0);
 #else
@@ -204,6 +217,12 @@ static void futex_wait_released(_Atomic uint32_t *word, uint32_t seq, double tim
     (void)seq;
     nanosleep(&ts, NULL);
 #endif
+}
+
+/* The same with the GIL released. */
+static void futex_wait_released(_Atomic uint32_t *word, uint32_t seq, double timeout) {
+    Py_BEGIN_ALLOW_THREADS
+    futex_wait(word, seq, timeout);
     Py_END_ALLOW_THREADS
 }
 
@@ -294,6 +313,7 @@ typedef struct {
     int has_view;
     char *base;
     seg_header *hdr;
+    _Atomic int releasing; /* release() began: pumps append nothing more */
 } SegmentObject;
 
 static PyTypeObject Segment_Type;
@@ -378,6 +398,7 @@ static int Segment_init(SegmentObject *self, PyObject *args, PyObject *kwds) {
     }
     if (PyObject_GetBuffer(buf, &self->view, PyBUF_WRITABLE) < 0) return -1;
     self->has_view = 1;
+    atomic_store(&self->releasing, 0);
     self->base = self->view.buf;
     self->hdr = (seg_header *)self->base;
     if ((size_t)self->view.len < SEG_HEADER || self->hdr->magic != SEG_MAGIC ||
@@ -396,7 +417,19 @@ static void Segment_dealloc(SegmentObject *self) {
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
+/* Wait until no fd pump of this process is inside an append (see ring_pump): a bounded copy,
+ * microseconds. Callers first make sure that no new append starts. */
+static void wait_for_pumps(void) {
+    while (atomic_load(&pumps_appending)) {
+        Py_BEGIN_ALLOW_THREADS
+        sched_yield();
+        Py_END_ALLOW_THREADS
+    }
+}
+
 static PyObject *Segment_release(SegmentObject *self, PyObject *unused) {
+    atomic_store(&self->releasing, 1);
+    wait_for_pumps();
     if (self->has_view) {
         PyBuffer_Release(&self->view);
         self->has_view = 0;
@@ -456,6 +489,19 @@ static PyObject *Segment_busy_lanes(SegmentObject *self, PyObject *unused) {
         Py_DECREF(n);
     }
     return out;
+}
+
+/* How many lanes hold unread bytes right now. */
+static PyObject *Segment_lanes_with_data(SegmentObject *self, PyObject *unused) {
+    if (!segment_ready(self)) return NULL;
+    long count = 0;
+    for (uint32_t i = 0; i < self->hdr->nlanes; i++) {
+        lane_header *lane = lane_at(self->base, self->hdr->lane_bytes, i);
+        if (atomic_load_explicit(&lane->tail, memory_order_acquire) !=
+            atomic_load_explicit(&lane->head, memory_order_relaxed))
+            count++;
+    }
+    return PyLong_FromLong(count);
 }
 
 static PyObject *Segment_lane_info(SegmentObject *self, PyObject *arg) {
@@ -672,11 +718,17 @@ static PyObject *Segment_ack_pipes(SegmentObject *self, PyObject *arg) {
 /* Consumer side: a short pause between passes that does not arm the doorbell (producers do not
  * pay a system call per write while the drain is busy), but that a producer waiting for room
  * cuts short: it rings the bell itself. */
+/* The drain between passes: sleep `timeout` seconds to let more collect, unless a writer waits
+ * for room (it rang the bell, maybe while the drain was busy, before this pause began). */
 static PyObject *Segment_pause(SegmentObject *self, PyObject *arg) {
     double timeout = PyFloat_AsDouble(arg);
     if (timeout == -1.0 && PyErr_Occurred()) return NULL;
     if (!segment_ready(self)) return NULL;
-    futex_wait_released(&self->hdr->bell, atomic_load(&self->hdr->bell), timeout);
+    uint32_t seq = atomic_load(&self->hdr->bell);
+    for (uint32_t i = 0; i < self->hdr->nlanes; i++)
+        if (atomic_load(&lane_at(self->base, self->hdr->lane_bytes, i)->space_waiting))
+            Py_RETURN_NONE;
+    futex_wait_released(&self->hdr->bell, seq, timeout);
     Py_RETURN_NONE;
 }
 
@@ -730,6 +782,8 @@ static PyMethodDef Segment_methods[] = {
      "a Producer of no lane whose first use asks the hook's on_fork for a real one"},
     {"producer", (PyCFunction)Segment_producer, METH_O, "producer(lane) -> Producer"},
     {"busy_lanes", (PyCFunction)Segment_busy_lanes, METH_NOARGS, "lanes that have an owner"},
+    {"lanes_with_data", (PyCFunction)Segment_lanes_with_data, METH_NOARGS,
+     "how many lanes hold unread bytes"},
     {"lane_info", (PyCFunction)Segment_lane_info, METH_O,
      "(owner_pid, state, owner_start, rank, head, tail, records, bytes, spilled_records, "
      "spilled_bytes, stalls, name, (stdout_pipe_fd, stderr_pipe_fd))"},
@@ -768,7 +822,7 @@ typedef struct {
     lane_header *lane;
     long index;
     uint64_t generation; /* fork generation of the process that claimed the lane */
-    int detached;        /* the lane is closed or the segment is gone: capture nothing more */
+    _Atomic int detached; /* the lane is closed or the segment is gone: capture nothing more */
     unsigned skip_line;  /* bit per stream: the line being written there was spilled in part */
     unsigned mid_line;   /* bit per stream: what this process published there ends inside a line */
     unsigned gap;        /* bit per stream: its next record carries FLAG_GAP */
@@ -811,7 +865,8 @@ static void Producer_dealloc(ProducerObject *self) {
 }
 
 static int producer_live(ProducerObject *p) {
-    return p->lane && !p->detached && p->segment->has_view;
+    return p->lane && !p->detached && p->segment->has_view &&
+           !atomic_load(&p->segment->releasing);
 }
 
 /* Returns bytes published, or -1 when the producer is detached. */
@@ -877,6 +932,24 @@ static PyObject *Producer_count(ProducerObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* Producer side, without the GIL: sleep until the consumer frees `need` bytes of room in this
+ * lane, or `timeout` seconds pass. Returns 1 when the room is there. */
+static int lane_wait_space(seg_header *seg, lane_header *lane, uint64_t need, double timeout) {
+    uint64_t cap = seg->lane_bytes;
+    if (need > cap / 2) need = cap / 2; /* what one record needs at most */
+    uint32_t seq = atomic_load(&lane->space_bell);
+    atomic_store(&lane->space_waiting, 1u); /* before the bell: a pausing drain looks for it */
+    ring_bell(seg); /* the drain may be pausing between passes: come now */
+    atomic_thread_fence(memory_order_seq_cst);
+    uint64_t used = atomic_load(&lane->tail) - atomic_load(&lane->head);
+    if (cap - used < need) {
+        futex_wait(&lane->space_bell, seq, timeout);
+        used = atomic_load(&lane->tail) - atomic_load(&lane->head);
+    }
+    atomic_store(&lane->space_waiting, 0u);
+    return cap - used >= need;
+}
+
 /* Producer side: sleep until the consumer frees room in this lane, or `timeout` seconds pass.
  * Returns True when room appeared (or already was there). Releases the GIL while it sleeps. */
 static PyObject *Producer_wait_space(ProducerObject *self, PyObject *args) {
@@ -884,22 +957,11 @@ static PyObject *Producer_wait_space(ProducerObject *self, PyObject *args) {
     double timeout;
     if (!PyArg_ParseTuple(args, "Kd", &need, &timeout)) return NULL;
     if (!producer_live(self)) Py_RETURN_FALSE;
-    lane_header *lane = self->lane;
-    uint64_t cap = self->segment->hdr->lane_bytes;
-    if (need > cap / 2) need = cap / 2; /* what one record needs at most */
-    uint32_t seq = atomic_load(&lane->space_bell);
-    ring_bell(self->segment->hdr); /* the drain may be pausing between passes: come now */
-    atomic_store(&lane->space_waiting, 1u);
-    atomic_thread_fence(memory_order_seq_cst);
-    uint64_t used = atomic_load(&lane->tail) - atomic_load(&lane->head);
-    if (cap - used >= need) {
-        atomic_store(&lane->space_waiting, 0u);
-        Py_RETURN_TRUE;
-    }
-    futex_wait_released(&lane->space_bell, seq, timeout);
-    atomic_store(&lane->space_waiting, 0u);
-    used = atomic_load(&lane->tail) - atomic_load(&lane->head);
-    return PyBool_FromLong(cap - used >= need);
+    int room;
+    Py_BEGIN_ALLOW_THREADS
+    room = lane_wait_space(self->segment->hdr, self->lane, need, timeout);
+    Py_END_ALLOW_THREADS
+    return PyBool_FromLong(room);
 }
 
 /* The writer spilled `rest` of a write on `stream` (it reached the terminal only). Keep lines
@@ -923,9 +985,11 @@ static PyObject *Producer_spilled(ProducerObject *self, PyObject *args) {
 }
 
 static PyObject *Producer_close(ProducerObject *self, PyObject *unused) {
-    if (producer_live(self)) atomic_store(&self->lane->state, LANE_CLOSED);
-    if (self->lane && self->segment->has_view) ring_bell(self->segment->hdr);
+    int live = producer_live(self);
     self->detached = 1;
+    wait_for_pumps(); /* the master frees a closed lane: nothing may land after */
+    if (live) atomic_store(&self->lane->state, LANE_CLOSED);
+    if (self->lane && self->segment->has_view) ring_bell(self->segment->hdr);
     Py_RETURN_NONE;
 }
 
@@ -1245,7 +1309,258 @@ static PyObject *ring_fork_generation(PyObject *mod, PyObject *unused) {
     return PyLong_FromUnsignedLongLong(atomic_load(&fork_generation));
 }
 
+/* ---------------------------------------------------------------- fd mode's pump */
+
+static void write_all(int fd, const char *buf, size_t n) {
+    while (n && fd >= 0) {
+        ssize_t w = write(fd, buf, n);
+        if (w < 0) {
+            if (errno == EINTR) continue;
+            return; /* a terminal that went away is not the writer's problem */
+        }
+        buf += w;
+        n -= (size_t)w;
+    }
+}
+
+/* What ring_pump returns for (its first item). */
+enum {
+    PUMP_READY = 1,   /* data arrived after the pipes were idle: nothing read yet (set the rank) */
+    PUMP_WAKE = 3,    /* the wake fd is readable: a sync or stop request */
+    PUMP_EOF = 4,     /* every writer of one pipe closed it */
+    PUMP_REST = 5,    /* spilling: rest is what the lane had no room for */
+    PUMP_FULL = 8,    /* the lane stayed full for wait_room seconds; nothing read */
+    PUMP_TIMEOUT = 6, /* max_seconds in here, busy all along (the caller refreshes the rank) */
+    PUMP_DRAINED = 7, /* drain_only: every pipe read until empty */
+};
+
+#define PUMP_MAX_PIPES 2
+#define PUMP_RECORD (64u * 1024u)
+
+typedef struct {
+    int read_fd, terminal_fd, stream;
+    ssize_t last_read;
+    int emptied; /* the last read took less than it asked for: the pipe is empty now */
+} pump_pipe;
+
+static double seconds_since(const struct timespec *start) {
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    return (double)(now.tv_sec - start->tv_sec) + (double)(now.tv_nsec - start->tv_nsec) * 1e-9;
+}
+
+/* The payload size of the pump's records in this lane: one producer_append each. */
+static uint64_t pump_record(seg_header *seg) {
+    uint64_t max_chunk = seg->lane_bytes / 2 - REC_HEADER;
+    return PUMP_RECORD < max_chunk ? PUMP_RECORD : max_chunk;
+}
+
+/* The most payload the pump's records can take in this lane right now, headers and padding
+ * counted (the pump is the lane's only writer: room only grows until it appends). */
+static uint64_t lane_payload_room(seg_header *seg, lane_header *lane) {
+    uint64_t free_bytes = seg->lane_bytes - (atomic_load(&lane->tail) - atomic_load(&lane->head));
+    uint64_t rec = pump_record(seg), unit = align8(REC_HEADER + rec);
+    uint64_t room = free_bytes / unit * rec, left = free_bytes % unit;
+    if (left >= REC_HEADER + 8) room += left - REC_HEADER - 7; /* a last, shorter record */
+    return room;
+}
+
+/* Read one pipe once, tee, append; without the GIL. With a producer and `wait_room` > 0 it reads
+ * no more than the lane has room for (waiting up to `wait_room` seconds for some): what the
+ * lane cannot take stays in the pipe, where the writer waits for it and the master finds it if
+ * the process dies; nothing waits in this buffer. With
+ * `wait_room` 0 (spilling) it reads all it can and returns what did not fit as PUMP_REST.
+ * Returns the event that ends the pump, or 0 to go on. `pumps_appending` counts it while it
+ * touches the segment: close() and release() wait, `wait_room` at most. */
+static int pump_read(pump_pipe *pipe, Py_buffer *buf, ProducerObject *p, double wait_room,
+                     ssize_t *n_out, int64_t *appended_out) {
+    size_t want = (size_t)buf->len;
+    *n_out = 0;
+    if (p && wait_room > 0) {
+        atomic_fetch_add(&pumps_appending, 1);
+        uint64_t room = 0;
+        int live = producer_live(p);
+        if (live) {
+            room = lane_payload_room(p->segment->hdr, p->lane);
+            if (room == 0) {
+                atomic_fetch_add(&p->lane->stalls, 1); /* the writer found its lane full */
+                lane_wait_space(p->segment->hdr, p->lane, REC_HEADER + 4096, wait_room);
+                room = lane_payload_room(p->segment->hdr, p->lane);
+            }
+        }
+        atomic_fetch_sub(&pumps_appending, 1);
+        if (live && room == 0) return PUMP_FULL;
+        if (live && room < want) want = (size_t)room;
+    }
+    ssize_t n;
+    do {
+        n = read(pipe->read_fd, buf->buf, want);
+    } while (n < 0 && errno == EINTR);
+    *n_out = n;
+    pipe->last_read = n > 0 ? n : 0;
+    pipe->emptied = n < (ssize_t)want;
+    if (n < 0) return errno == EAGAIN ? 0 : PUMP_EOF; /* a read error ends the pipe too */
+    if (n == 0) return PUMP_EOF;
+    /* Into the lane first, then to the terminal (which may be slow): between the read and the
+     * append the bytes are nowhere else, and a process may end at any moment. */
+    int64_t appended = -1;
+    if (p) {
+        atomic_fetch_add(&pumps_appending, 1);
+        /* in records of at most PUMP_RECORD: the drain takes a bounded bite of a lane per pass */
+        uint64_t rec = pump_record(p->segment->hdr);
+        for (uint64_t done = 0; done < (uint64_t)n && producer_live(p);) {
+            uint64_t chunk = (uint64_t)n - done < rec ? (uint64_t)n - done : rec;
+            int64_t a = producer_append(p, (unsigned)pipe->stream, 0, (char *)buf->buf + done,
+                                        chunk);
+            if (a < 0) break;
+            appended = (int64_t)(done += (uint64_t)a);
+            if ((uint64_t)a < chunk) break; /* full: spilling (wait_room 0) */
+        }
+        atomic_fetch_sub(&pumps_appending, 1);
+    }
+    write_all(pipe->terminal_fd, buf->buf, (size_t)n);
+    *appended_out = appended;
+    return appended >= 0 && appended < n ? PUMP_REST : 0;
+}
+
+/* fd mode's pump, without the GIL for as long as output streams in (a printing thread keeps its
+ * GIL and its core): poll the pipes, read, copy to the terminal, append to the producer's lane
+ * (None: copy only); pump_read says what happens when the lane is full. After a read of at
+ * least `busy_read` bytes that emptied the pipe it sleeps `pause` seconds: someone printing flat
+ * out fills the pipe meanwhile, and one read takes it all. It returns to Python for what needs
+ * Python: data after an idle spell or at the start of a call that is not `fresh` (PUMP_READY,
+ * before reading it, so that the rank read for it is not older than the data; Python reads the
+ * rank, then calls again with `fresh`), a request on `wake_fd`, a pipe's end, a full lane
+ * (PUMP_FULL, PUMP_REST), `max_seconds`. With drain_only it reads what every pipe held when it
+ * was called (a sync; a writer that goes on writing cannot keep it here) and returns.
+ * Returns (event, read_fd, rest): rest is what a PUMP_REST did not append, else None.
+ * The pump is its lane's only writer in fd mode, so appending needs no GIL. */
+static PyObject *ring_pump(PyObject *mod, PyObject *args) {
+    PyObject *pipes_arg, *producer;
+    int wake_fd, drain_only, fresh;
+    Py_buffer buf;
+    double wait_room, pause, max_seconds;
+    Py_ssize_t busy_read;
+    if (!PyArg_ParseTuple(args, "Oiw*Oddndpp", &pipes_arg, &wake_fd, &buf, &producer, &wait_room,
+                          &pause, &busy_read, &max_seconds, &drain_only, &fresh))
+        return NULL;
+    pump_pipe pipes[PUMP_MAX_PIPES];
+    Py_ssize_t npipes = 0;
+    ProducerObject *p = NULL;
+    PyObject *seq = PySequence_Fast(pipes_arg, "pipes must be a sequence");
+    if (!seq) goto fail;
+    npipes = PySequence_Fast_GET_SIZE(seq);
+    if (npipes > PUMP_MAX_PIPES) {
+        PyErr_SetString(PyExc_ValueError, "at most 2 pipes");
+        Py_DECREF(seq);
+        goto fail;
+    }
+    for (Py_ssize_t i = 0; i < npipes; i++) {
+        pump_pipe *pp = &pipes[i];
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "iii", &pp->read_fd,
+                              &pp->terminal_fd, &pp->stream)) {
+            Py_DECREF(seq);
+            goto fail;
+        }
+        if (pp->stream < 0 || pp->stream > 7) {
+            PyErr_SetString(PyExc_ValueError, "stream must be 0..7");
+            Py_DECREF(seq);
+            goto fail;
+        }
+        pp->last_read = 0;
+        pp->emptied = 0;
+    }
+    Py_DECREF(seq);
+    if (producer != Py_None) {
+        if (!PyObject_TypeCheck(producer, &Producer_Type)) {
+            PyErr_SetString(PyExc_TypeError, "producer must be a Producer or None");
+            goto fail;
+        }
+        p = (ProducerObject *)producer;
+    }
+    int event = 0, event_fd = -1;
+    ssize_t n = 0;
+    int64_t appended = -1;
+    Py_BEGIN_ALLOW_THREADS
+    struct timespec start;
+    clock_gettime(CLOCK_MONOTONIC, &start);
+    if (drain_only) {
+        for (Py_ssize_t i = 0; i < npipes && !event; i++) {
+            int held = 0;
+            if (ioctl(pipes[i].read_fd, FIONREAD, &held) < 0) held = 0;
+            for (ssize_t taken = 0; taken < held && !event; taken += n > 0 ? n : 0) {
+                event = pump_read(&pipes[i], &buf, p, wait_room, &n, &appended);
+                event_fd = pipes[i].read_fd;
+                if (n <= 0) break;
+            }
+            if (event == PUMP_EOF) event = 0; /* the end shows again in a plain poll */
+        }
+        if (!event) event = PUMP_DRAINED;
+    }
+    while (!event) {
+        struct pollfd fds[PUMP_MAX_PIPES + 1];
+        for (Py_ssize_t i = 0; i < npipes; i++)
+            fds[i] = (struct pollfd){pipes[i].read_fd, POLLIN, 0};
+        fds[npipes] = (struct pollfd){wake_fd, POLLIN, 0};
+        int ready = poll(fds, (nfds_t)npipes + 1, 0);
+        if (ready == 0) {
+            do {
+                ready = poll(fds, (nfds_t)npipes + 1, -1);
+            } while (ready < 0 && errno == EINTR);
+            fresh = 0;
+        }
+        if (ready > 0 && !fresh && !(fds[npipes].revents & POLLIN)) {
+            event = PUMP_READY; /* data, and the rank was read before it came */
+            break;
+        }
+        fresh = 1; /* data found without a wait: the same spell as what came before */
+        if (ready < 0) {
+            if (errno == EINTR) continue;
+            event = PUMP_WAKE; /* let Python look; poll itself failing is not expected */
+            break;
+        }
+        if (fds[npipes].revents & POLLIN) {
+            event = PUMP_WAKE;
+            break;
+        }
+        int big = 0;
+        for (Py_ssize_t i = 0; i < npipes && !event; i++) {
+            if (!fds[i].revents) continue;
+            event = pump_read(&pipes[i], &buf, p, wait_room, &n, &appended);
+            event_fd = pipes[i].read_fd;
+            /* a large read that emptied the pipe: someone prints flat out, let more collect.
+             * One that took all it asked for left more behind: read again at once. */
+            if (pipes[i].last_read >= busy_read && pipes[i].emptied) big = 1;
+        }
+        if (event) break;
+        if (seconds_since(&start) >= max_seconds) {
+            event = PUMP_TIMEOUT;
+            break;
+        }
+        if (big && pause > 0) {
+            struct timespec ts = {(time_t)pause, (long)((pause - (double)(time_t)pause) * 1e9)};
+            nanosleep(&ts, NULL);
+        }
+    }
+    Py_END_ALLOW_THREADS
+    PyObject *rest;
+    if (event == PUMP_REST)
+        rest = PyBytes_FromStringAndSize((const char *)buf.buf + appended, n - appended);
+    else
+        rest = Py_NewRef(Py_None);
+    PyBuffer_Release(&buf);
+    if (!rest) return NULL;
+    return Py_BuildValue("(iiN)", event, event_fd, rest);
+fail:
+    PyBuffer_Release(&buf);
+    return NULL;
+}
+
 static PyMethodDef module_methods[] = {
+    {"pump", ring_pump, METH_VARARGS,
+     "pump(pipes, wake_fd, buffer, producer, wait_room, pause, busy_read, max_seconds, "
+     "drain_only) -> (event, read_fd, rest): fd mode's pump, without the GIL while output "
+     "streams in; pipes: ((read_fd, terminal_fd, stream), ...)"},
     {"format", ring_format, METH_VARARGS,
      "format(buffer, nlanes, lane_bytes, master_pid, master_start_us): lay out a new segment"},
     {"segment_size", ring_segment_size, METH_VARARGS, "segment_size(nlanes, lane_bytes) -> bytes"},
@@ -1289,7 +1604,14 @@ PyMODINIT_FUNC PyInit__ring(void) {
         PyModule_AddIntConstant(m, "KIND_TEXT", KIND_TEXT) < 0 ||
         PyModule_AddIntConstant(m, "KIND_BYTES", KIND_BYTES) < 0 ||
         PyModule_AddIntConstant(m, "KIND_FLUSH", KIND_FLUSH) < 0 ||
-        PyModule_AddIntConstant(m, "KIND_BUFFER_FLUSH", KIND_BUFFER_FLUSH) < 0)
+        PyModule_AddIntConstant(m, "KIND_BUFFER_FLUSH", KIND_BUFFER_FLUSH) < 0 ||
+        PyModule_AddIntConstant(m, "PUMP_READY", PUMP_READY) < 0 ||
+        PyModule_AddIntConstant(m, "PUMP_WAKE", PUMP_WAKE) < 0 ||
+        PyModule_AddIntConstant(m, "PUMP_EOF", PUMP_EOF) < 0 ||
+        PyModule_AddIntConstant(m, "PUMP_REST", PUMP_REST) < 0 ||
+        PyModule_AddIntConstant(m, "PUMP_TIMEOUT", PUMP_TIMEOUT) < 0 ||
+        PyModule_AddIntConstant(m, "PUMP_DRAINED", PUMP_DRAINED) < 0 ||
+        PyModule_AddIntConstant(m, "PUMP_FULL", PUMP_FULL) < 0)
         goto fail;
     if (PyModule_AddObject(m, "SEG_MAGIC", PyLong_FromUnsignedLongLong(SEG_MAGIC)) < 0) goto fail;
     if (!fork_handler_registered) {

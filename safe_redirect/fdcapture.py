@@ -14,19 +14,33 @@ the child is dead (killed, or gone through os._exit before its pump caught up).
 from __future__ import annotations
 
 import fcntl
+import mmap
 import os
-import select
 import stat
 import sys
 import threading
 from collections.abc import Callable, Iterable
 
+from safe_redirect import _ring
+from safe_redirect._ring import Producer
 from safe_redirect.ring import STREAMS
 
 __all__ = ["STREAM_FDS", "FdCapture", "open_peer_pipe", "read_available"]
 
 STREAM_FDS = {"stdout": 1, "stderr": 2}
 _CHUNK = 1 << 16
+#: Pipe capacity: a writer printing flat out does not block while the pump pauses.
+_PIPE_BYTES = 1 << 20
+#: The most one read of the pump takes (measured: 64 KiB to 1 MiB make no difference that the
+#: benchmarks can tell apart; smaller stays in the cache).
+_READ_BYTES = 1 << 18
+#: After a read of at least _BUSY_READ bytes that emptied the pipe (someone prints flat out) the
+#: pump waits this long before the next, so that it wakes, and takes the writer's core, once per
+#: batch instead of once per block of the writer's buffer. A single line is never delayed.
+_BUSY_READ = 1 << 12
+_BATCH_PAUSE = 0.0005
+#: While output streams in, the pump comes back to Python this often to read the rank again.
+_RANK_REFRESH = 0.1
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -121,11 +135,24 @@ def append_if_regular_file(fd: int) -> None:
 
 
 class FdCapture:
-    """Pipes on fds 1 and 2 of this process and the pump thread that empties them."""
+    """Pipes on fds 1 and 2 of this process and the pump thread that empties them.
 
-    def __init__(self, streams: Iterable[str], capture: Callable[[int, bytes], None]) -> None:
+    `lane()` runs on the pump thread before each read: it returns the producer to append to (None:
+    tee only) and how long the pump may wait for room in a full lane (0: spill what does not
+    fit), and may set the thread's rank for what is about to be read. The copy to the terminal
+    and into the lane happens in C without the GIL (`_ring.pump`): a printing thread is not held
+    up by the pump. While the lane is full the pump reads nothing (the writer waits on its pipe)
+    and calls `on_full(producer)` after each wait; what a spilling pump read and the lane could
+    not take goes to `on_rest(producer, stream, rest)`."""
+
+    def __init__(self, streams: Iterable[str], lane: Callable[[], tuple[Producer | None, float]],
+                 on_full: Callable[[Producer], None],
+                 on_rest: Callable[[Producer, int, bytes], None]) -> None:
         self._targets = [(STREAMS.index(name), STREAM_FDS[name]) for name in streams]
-        self._capture = capture
+        self._lane = lane
+        self._on_full = on_full
+        self._on_rest = on_rest
+        self._buffer = mmap.mmap(-1, _READ_BYTES)  # pages become resident only as reads use them
         self.saved: dict[int, int] = {}  # 1 / 2 -> a copy of what it was (the terminal)
         self.readers: dict[int, tuple[int, int]] = {}  # read end -> (stream, fd it feeds)
         self._wake_r, self._wake_w = os.pipe()
@@ -169,6 +196,7 @@ class FdCapture:
             saved = os.dup(fd)
             append_if_regular_file(saved)
             r, w = os.pipe()
+            _enlarge_pipe(r)
             os.set_blocking(r, False)
             os.dup2(w, fd)  # inheritable, as fds 1 and 2 were
             os.close(w)
@@ -248,32 +276,28 @@ class FdCapture:
         self.saved.clear()
 
     def _pump(self) -> None:
-        poller = select.poll()
-        for r in self.readers:
-            poller.register(r, select.POLLIN)
-        poller.register(self._wake_r, select.POLLIN)
+        """The pump thread. `_ring.pump` does the work without the GIL and comes back here for
+        what needs Python: the rank before data that follows an idle spell, sync and stop
+        requests, a pipe's end, a lane that stayed full."""
         open_readers = set(self.readers)
+        event = 0
         while open_readers:
-            try:
-                events = poller.poll()
-            except InterruptedError:
-                continue
-            for fd, _ in events:
-                if fd == self._wake_r:
-                    os.read(self._wake_r, 64)
-                    continue
-                self._move(fd, open_readers, poller)
+            event, r = self._pump_once(open_readers, drain_only=False,
+                                       fresh=event == _ring.PUMP_READY)
+            if event == _ring.PUMP_WAKE:
+                os.read(self._wake_r, 64)
+            elif event == _ring.PUMP_EOF:  # every writer closed its end (fd 1 itself, say)
+                open_readers.discard(r)
+                os.close(r)
             with self._synced:
                 requested = self._sync_requested
             if requested != self._sync_done:
-                for r in list(open_readers):
-                    self._move(r, open_readers, poller, everything=True)
+                self._drain_pipes(open_readers)
                 with self._synced:
                     self._sync_done = requested
                     self._synced.notify_all()
             if self._stop and self._capturing:
-                for r in list(open_readers):  # all that was written before stop(): captured
-                    self._move(r, open_readers, poller, everything=True)
+                self._drain_pipes(open_readers)  # all that was written before stop(): captured
                 self._capturing = False
                 self._drained.set()
         self._drained.set()
@@ -284,25 +308,32 @@ class FdCapture:
             if self._stop:
                 self._close_saved()
 
-    def _move(self, r: int, open_readers: set[int], poller: select.poll,
-              everything: bool = False) -> None:
-        stream, fd = self.readers[r]
-        try:
-            data = read_available(r) if everything else os.read(r, _CHUNK)
-        except BlockingIOError:
-            return
-        if not data:
-            if everything:
-                return  # empty right now is not the end: that shows as POLLHUP, then a plain read
-            # every writer closed its end (fd 1 itself, if the user closed it)
-            poller.unregister(r)
-            open_readers.discard(r)
-            os.close(r)
-            return
-        if fd in self.saved:
-            _write_all(self.saved[fd], data)
-        if self._capturing:
-            self._capture(stream, data)
+    def _drain_pipes(self, open_readers: set[int]) -> None:
+        """Capture everything the pipes hold right now."""
+        while self._pump_once(open_readers, drain_only=True, fresh=True)[0] != _ring.PUMP_DRAINED:
+            pass
+
+    def _pump_once(self, open_readers: set[int], drain_only: bool,
+                   fresh: bool) -> tuple[int, int]:
+        """One call of `_ring.pump`, the rank read just before (`fresh`: after it said READY)."""
+        producer, wait_room = self._lane() if self._capturing else (None, 0.0)
+        pipes = [(r, self.saved.get(fd, -1), stream) for r, (stream, fd) in self.readers.items()
+                 if r in open_readers]
+        event, r, rest = _ring.pump(pipes, self._wake_r, self._buffer, producer, wait_room,
+                                    _BATCH_PAUSE, _BUSY_READ, _RANK_REFRESH, drain_only, fresh)
+        if event == _ring.PUMP_FULL and producer is not None:
+            self._on_full(producer)
+        elif event == _ring.PUMP_REST and rest is not None and producer is not None:
+            self._on_rest(producer, self.readers[r][0], rest)
+        return event, r
+
+
+def _enlarge_pipe(fd: int) -> None:
+    """Ask for a pipe of _PIPE_BYTES (the unprivileged maximum by default); a smaller one works."""
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, _PIPE_BYTES)
+    except (OSError, AttributeError):
+        pass
 
 
 def _flush_python_streams() -> None:

@@ -18,6 +18,7 @@ import time
 import traceback
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import NoReturn
 
 from safe_redirect import _ring
 from safe_redirect.drain import Drain, Record
@@ -51,6 +52,9 @@ OVERFLOW_POLICIES = ("block", "spill")
 #: "wrap": hook sys.stdout / sys.stderr and their buffers (Python-level writes).
 #: "fd": pipes on fds 1 and 2 (also os.write, os.system, C libraries).
 MODES = ("wrap", "fd")
+#: fd mode: how long the pump waits in C for room in a full lane before `_append_rest` (the
+#: overflow policy, in Python) takes over. The drain frees room within a pass, well below this.
+_PUMP_WAIT_ROOM = 0.05
 
 OnOutput = Callable[[Record], object]
 
@@ -95,6 +99,8 @@ class Session:
     """The handle `install()` returns: `flush()`, `uninstall()`, `stats()`, a context manager."""
 
     _fd: FdCapture | None  # fd mode: the pipes of this process
+    _mode: str
+    _hooks: StreamHooks
 
     def __init__(self, on_output: OnOutput | None = None, *, mode: str = "wrap",
                  streams: Iterable[str] = ("stdout", "stderr"), tag: str = "[rank{rank}] ",
@@ -116,7 +122,8 @@ class Session:
             self._drain = Drain(self._ring, self._deliver, tag, lane, self._tee_recovered)
             drain_ident = self._drain.start()
             if self._mode == "fd":
-                self._fd = FdCapture(self._hooks.streams, self._capture_fd)
+                self._fd = FdCapture(self._hooks.streams, self._fd_lane, self._fd_lane_full,
+                                     self._append_rest)
                 self._fd.start()
             else:
                 self._hooks.install(self._producer)
@@ -178,6 +185,7 @@ class Session:
     def _configure(self, mode: str, streams: Iterable[str], overflow: str, stall_timeout: float,
                    exit_timeout: float) -> None:
         """What a master and an attached child share."""
+        self.state = State.UNINSTALLED  # until installed or attached
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
         if overflow not in OVERFLOW_POLICIES:
@@ -187,6 +195,7 @@ class Session:
         self._exit_timeout = exit_timeout
         self._callback_errors = 0
         self._stalled_progress: int | None = None  # reader progress when we last spilled (stall)
+        self._full_watch: tuple[int, float, float] | None = None  # fd: progress, stall, next check
         self._spill_reported = False
         self._final_stats: Stats | None = None
         self._attaching: dict[int, int] = {}  # fork generation -> thread attaching a lane
@@ -385,9 +394,11 @@ class Session:
     def _attach_fd_capture(self) -> None:
         """fd mode in a new process: fds 1 and 2 back on the terminal, then pipes of our own,
         published in our lane so that the master can empty them if we die."""
+        _drain_pumps_at_os_exit()
         if self._fd is not None:
             self._fd.abandon_in_child()
-        fd = self._fd = FdCapture(self._hooks.streams, self._capture_fd)
+        fd = self._fd = FdCapture(self._hooks.streams, self._fd_lane, self._fd_lane_full,
+                                     self._append_rest)
         fd.open()
         self._producer = self._claim_lane(fd.read_ends())
         fd.run()
@@ -407,19 +418,33 @@ class Session:
         if self._fd is not None:
             self._fd.sync(timeout=1.0)
 
-    def _capture_fd(self, stream: int, data: bytes) -> None:
-        """The fd pump's way into the lane (on the pump thread). The lane was claimed at fork or
-        at start-up, before a launcher had set the rank (RANK set by the worker itself, the
-        argument of torch.multiprocessing.spawn): a child's pump reads it for every chunk. The
-        master's own lines stay untagged, as in wrap mode."""
-        producer = self._producer
-        if producer is None:
-            return
+    def _fd_lane(self) -> tuple[Producer | None, float]:
+        """The fd pump's lane and how long the pump may wait for room in it (in C, without the
+        GIL; then `_append_rest` applies the overflow policy), asked before each read on the
+        pump thread. The lane was claimed at fork or at start-up, before a launcher had set the
+        rank (RANK set by the worker itself, the argument of torch.multiprocessing.spawn): a
+        child's pump reads it for every chunk. The master's own lines stay untagged."""
         if self.state is State.CHILD:
             set_thread_rank(detect_rank(thread=False))
-        written = producer.append(stream, 0, data)
-        if 0 <= written < len(data):
-            self._append_rest(producer, stream, data[written:])
+        producer = self._producer
+        if producer is None or self._overflow == "spill" or (
+                self._stalled_progress is not None and self._stalled_progress == producer.progress):
+            return producer, 0.0
+        return producer, _PUMP_WAIT_ROOM
+
+    def _fd_lane_full(self, producer: Producer) -> None:
+        """fd mode, block policy: the pump found the lane full for _PUMP_WAIT_ROOM and read
+        nothing (the writer waits on its pipe). Keep waiting while the master reads; once it has
+        read nothing for stall_timeout, or is dead, the pump spills (see `_fd_lane`)."""
+        progress, now = producer.progress, time.monotonic()
+        watch = self._full_watch
+        if watch is None or watch[0] != progress:
+            self._full_watch = (progress, now + self._stall_timeout, now + 0.1)
+        elif now >= watch[1] or (now >= watch[2] and not self._reader_alive()):
+            self._stalled_progress = progress
+            self._full_watch = None
+        elif now >= watch[2]:
+            self._full_watch = (progress, watch[1], now + 0.1)
 
     def _claim_lane(self, pipe_fds: tuple[int, int] = (-1, -1)) -> Producer | None:
         seg = self._ring.segment
@@ -522,6 +547,28 @@ class Session:
             _warn(f"safe_redirect: pid {os.getpid()}: lane full and the master is not reading; "
                   "output goes to the terminal only until it reads again (see "
                   "stats().spilled_bytes)")
+
+
+_os_exit = os._exit
+
+
+def _exit_after_the_pumps(status: int) -> NoReturn:
+    """os._exit() of a process whose fd pump may not have read its last output yet (a forked
+    child ends so, multiprocessing's among them): let the pump catch up first, bounded. What a
+    pipe holds when its process is gone is only recovered if the master opened it in time."""
+    for session in list(_sessions):
+        if session.state is State.CHILD:
+            try:
+                session.drain_fd_pump()
+            except Exception:
+                pass
+    _os_exit(status)
+
+
+def _drain_pumps_at_os_exit() -> None:
+    """Once per process (and its forks): `os._exit` waits for fd pumps."""
+    if os._exit is _os_exit:
+        os._exit = _exit_after_the_pumps
 
 
 def _finish_multiprocessing_children(session: Session) -> None:

@@ -243,3 +243,54 @@ def test_the_traceback_of_a_multiprocessing_child_that_raised_is_captured_whole(
         err = by_origin[(child.pid, "stderr")]
         assert err[:2] == [f"Process {child.name}:", "Traceback (most recent call last):"], err
         assert err[-1] == f"ValueError: boom from child {n}"
+
+
+def test_children_forked_while_the_pump_appends_leave_at_once(tmp_path) -> None:
+    """The pump appends without the GIL, and closing a lane waits for an append in progress. A
+    child forked in the middle of one has no pump thread to finish it: it must not wait. (Before
+    the fork handler zeroed the count, half of these children hung.) The master uninstalls
+    while its pump is busy."""
+    script = """
+        import os, sys, threading, time
+        import safe_redirect
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 1)  # the terminal: the flood goes nowhere
+        session = safe_redirect.install(on_output=lambda record: None, mode="fd")
+        stop = threading.Event()
+
+        def flood():
+            block = (b"f" * 79 + b"\\n") * 100
+            while not stop.is_set():
+                os.write(1, block)
+
+        writer = threading.Thread(target=flood)
+        writer.start()
+        pids = []
+        for _ in range(40):
+            pid = os.fork()
+            if pid == 0:
+                os.write(1, b"child line\\n")
+                session.uninstall()  # closes the child's lane, releases the segment
+                os._exit(0)
+            pids.append(pid)
+            time.sleep(0.005)
+        deadline = time.monotonic() + 30
+        codes = {}
+        while len(codes) < len(pids) and time.monotonic() < deadline:
+            for pid in pids:
+                if pid not in codes:
+                    done, status = os.waitpid(pid, os.WNOHANG)
+                    if done:
+                        codes[pid] = os.waitstatus_to_exitcode(status)
+            time.sleep(0.01)
+        session.uninstall()  # while the flood goes on: the pump may be inside an append
+        stop.set()
+        writer.join(10)
+        print("exited", sorted(codes.values()).count(0), "of", len(pids), file=sys.stderr)
+        for pid in pids:
+            if pid not in codes:
+                os.kill(pid, 9)
+    """
+    result = run_python_file(tmp_path / "forks.py", script, timeout=90)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "exited 40 of 40" in result.stderr, result.stderr[-3000:]

@@ -364,5 +364,5 @@ def test_a_child_printing_after_the_runs_finish_never_blocks(tmp_path, console) 
     expected = [f"child after finish {i:05d} " + "x" * 60 for i in range(20000)]
     if console == "wrap":
         assert after == expected
-    else:  # fd mode: what its pipe held when the child called os._exit() (<= 64 KiB) is lost
+    else:  # fd mode: what its pump could not tee within os._exit()'s 1 s may be lost
         assert after == expected[:len(after)] and len(after) >= len(expected) - 800
