@@ -195,7 +195,6 @@ class Session:
         self._exit_timeout = exit_timeout
         self._callback_errors = 0
         self._stalled_progress: int | None = None  # reader progress when we last spilled (stall)
-        self._full_watch: tuple[int, float, float] | None = None  # fd: progress, stall, next check
         self._spill_reported = False
         self._final_stats: Stats | None = None
         self._attaching: dict[int, int] = {}  # fork generation -> thread attaching a lane
@@ -434,17 +433,13 @@ class Session:
 
     def _fd_lane_full(self, producer: Producer) -> None:
         """fd mode, block policy: the pump found the lane full for _PUMP_WAIT_ROOM and read
-        nothing (the writer waits on its pipe). Keep waiting while the master reads; once it has
-        read nothing for stall_timeout, or is dead, the pump spills (see `_fd_lane`)."""
-        progress, now = producer.progress, time.monotonic()
-        watch = self._full_watch
-        if watch is None or watch[0] != progress:
-            self._full_watch = (progress, now + self._stall_timeout, now + 0.1)
-        elif now >= watch[1] or (now >= watch[2] and not self._reader_alive()):
-            self._stalled_progress = progress
-            self._full_watch = None
-        elif now >= watch[2]:
-            self._full_watch = (progress, watch[1], now + 0.1)
+        nothing (the writer waits on its pipe). Wait as a wrap-mode writer waits; after a stall
+        the pump spills (see `_fd_lane`)."""
+        def room_or_gone(room: bool) -> bool:
+            return room or not producer.live  # not live: the master uninstalled
+
+        if not self._wait_for_room(producer, _ring.REC_HEADER + (1 << 12), room_or_gone):
+            self._stalled_progress = producer.progress
 
     def _claim_lane(self, pipe_fds: tuple[int, int] = (-1, -1)) -> Producer | None:
         seg = self._ring.segment
@@ -502,33 +497,42 @@ class Session:
             self._spill(producer, stream, rest)
             return
         producer.count(0, 0, 1)
+
+        def appended(room: bool) -> bool:
+            nonlocal rest
+            written = producer.append(stream, 0, rest)
+            rest = b"" if written < 0 else rest[written:]  # < 0: the master uninstalled
+            return not rest
+
+        if not self._wait_for_room(producer, len(rest) + _ring.REC_HEADER, appended):
+            self._spill(producer, stream, rest)
+
+    def _wait_for_room(self, producer: Producer, need: int,
+                       done: Callable[[bool], bool]) -> bool:
+        """The block policy: sleep on the lane until `done(room there)`, asked after each wake-up,
+        says the write went through, for as long as the master keeps reading. False once it has
+        read nothing for stall_timeout, or is dead: the caller spills. A stall is the master
+        reading nothing at all, not just nothing of this lane: under load one pass over many full
+        lanes can take longer than stall_timeout."""
         now = time.monotonic()
         deadline, next_check = now + self._stall_timeout, now + 0.1
-        # A stall is the master reading nothing at all, not just nothing of this lane: under
-        # load one pass over many full lanes can take longer than stall_timeout.
         progress = producer.progress
         while True:
             # sleeps until the drain frees room (it rings the lane's futex), 0.1 s at most
-            producer.wait_space(len(rest) + _ring.REC_HEADER, 0.1)
-            written = producer.append(stream, 0, rest)
-            if written < 0:
-                return  # the master uninstalled: nothing more to capture
-            rest = rest[written:]
-            if not rest:
+            if done(producer.wait_space(need, 0.1)):
                 self._stalled_progress = None
-                return
+                return True
             now = time.monotonic()
             if producer.progress != progress:
                 progress, deadline = producer.progress, now + self._stall_timeout
             elif now >= deadline:
-                break
+                return False
             if now >= next_check:
                 next_check = now + 0.1
                 if not self._reader_alive():
                     self._producer = None
                     self._hooks.set_producer(None)
-                    break
-        self._spill(producer, stream, rest)
+                    return False
 
     def _reader_alive(self) -> bool:
         if self.state is State.INSTALLED:
