@@ -2,9 +2,9 @@
 
 This catches what never passes through `sys.stdout`: `os.write(1, ...)`, `os.system`, C and C++
 libraries. Each capturing process (the master, and every forked child) has pipes of its own: the
-pump copies what arrives to the saved original fd (the terminal keeps its output) and hands it to
-`capture(stream, data)`. A child never writes into its master's pipe, so lines of two processes
-cannot interleave mid-line, and a child never blocks on a master that stopped reading.
+pump stores what arrives in the process's lane and copies it to the saved original fd (the
+terminal keeps its output). A child never writes into its master's pipe, so lines of two
+processes cannot interleave mid-line, and a child never blocks on a master that stopped reading.
 
 The pump inside a child is not the only way out of it: the child publishes its pipes' read ends in
 its lane, the master opens them through /proc at first sight, and reads what is left in them once
@@ -142,8 +142,8 @@ class FdCapture:
     fit), and may set the thread's rank for what is about to be read. The copy to the terminal
     and into the lane happens in C without the GIL (`_ring.pump`): a printing thread is not held
     up by the pump. While the lane is full the pump reads nothing (the writer waits on its pipe)
-    and calls `on_full(producer)` after each wait; what a spilling pump read and the lane could
-    not take goes to `on_rest(producer, stream, rest)`."""
+    and `on_full(producer)` waits as the overflow policy says; what a spilling pump read and the
+    lane could not take goes to `on_rest(producer, stream, rest)`."""
 
     def __init__(self, streams: Iterable[str], lane: Callable[[], tuple[Producer | None, float]],
                  on_full: Callable[[Producer], None],
