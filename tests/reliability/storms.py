@@ -185,22 +185,21 @@ def _during_uninstall(tally: Tally, run: int, lines: int = 300) -> None:
             _print_lines(f"child {os.getpid()}", lines)
             sys.stdout.flush()
 
+        def fork_child(k: int) -> None:
+            terminal = str(Path(tmp) / f"terminal-{k}")
+            pid = os.fork()
+            if pid == 0:
+                child_exit(lambda: child(terminal))
+            children.append((pid, terminal))
+
         def forker() -> None:
             k = 0
             while not stop.is_set() or k < 8:
-                terminal = str(Path(tmp) / f"terminal-{k}")
-                pid = os.fork()
-                if pid == 0:
-                    child_exit(lambda terminal=terminal: child(terminal))
-                children.append((pid, terminal))
+                fork_child(k)
                 k += 1
                 time.sleep(0.002)
             for _ in range(8):  # and a few after the uninstall
-                terminal = str(Path(tmp) / f"terminal-{k}")
-                pid = os.fork()
-                if pid == 0:
-                    child_exit(lambda terminal=terminal: child(terminal))
-                children.append((pid, terminal))
+                fork_child(k)
                 k += 1
 
         session = safe_redirect.install(records.append)
