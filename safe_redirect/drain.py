@@ -246,7 +246,7 @@ class Drain:
     idle_poll = 0.1
     #: after a pass that found data, how long to let more collect before the next pass, seconds.
     #: Measured: 0.5 ms keeps the drain ahead of a child printing flat out (hooked/plain 1.20;
-    #: 1 ms: 1.38); a longer pause would suit a printing master (2 ms: 1.48 instead of ~1.7).
+    #: 1 ms: 1.38); a printing master prefers a longer one, hence master_pause.
     batch_pause = 0.0005
     #: the same when only the master's own lane had data: its lines are rebuilt on this thread,
     #: which takes the GIL from the printing thread once per pass. Measured (a printing master,

@@ -426,9 +426,10 @@ class Session:
         if self.state is State.CHILD:
             set_thread_rank(detect_rank(thread=False))
         producer = self._producer
-        if producer is None or self._overflow == "spill" or (
-                self._stalled_progress is not None and self._stalled_progress == producer.progress):
-            return producer, 0.0
+        if producer is None:
+            return None, 0.0
+        if self._overflow == "spill" or self._stalled_progress == producer.progress:
+            return producer, 0.0  # spill what does not fit: no waiting for room
         return producer, _PUMP_WAIT_ROOM
 
     def _fd_lane_full(self, producer: Producer) -> None:
