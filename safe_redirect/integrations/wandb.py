@@ -9,17 +9,25 @@ master, tagged by rank, and no child ever runs a wandb callback.
 wandb's `Run.finish` marks the run finished *before* it stops the console hooks, and the wrap
 callback refuses data from then on; so `patch_wandb()` also makes `finish` deliver every lane
 first.
+
+What the callbacks receive, terminal emulation per process and batches per drain pass, is
+`wandb_terminal`'s.
 """
 
 from __future__ import annotations
 
 import logging
-import re
 import sys
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from safe_redirect.drain import Interleaver, Record
+from safe_redirect.drain import Record
+from safe_redirect.integrations.wandb_terminal import (
+    EmulatedLog,
+    LineScreen,
+    RawLog,
+    emulated_screen_factory,
+)
 from safe_redirect.session import Session, install
 
 __all__ = [
@@ -34,13 +42,14 @@ Callback = Callable[[Any], Any]
 
 class _SharedCapture:
     """The one session of this process for a console mode, shared by a run's stdout and stderr
-    redirect objects; records go to the callbacks registered for their stream."""
+    redirect objects; records go to the callbacks registered for their stream, after each drain
+    pass: raw to wandb's raw callbacks, as a terminal shows them to its emulating classes'."""
 
     def __init__(self, mode: str) -> None:
         self.mode = mode
         self.callbacks: dict[str, list[Callback]] = {"stdout": [], "stderr": []}
         self.session: Session | None = None
-        self.interleaver = Interleaver(one_log=True)  # output.log
+        self.raw_log, self.emulated_log = RawLog(), EmulatedLog(LineScreen)
 
     def add(self, stream: str, callback: Callback) -> None:
         if self.session is None or not self.session.is_master:
@@ -48,8 +57,9 @@ class _SharedCapture:
             # (rank 0 calling wandb.init) captures for that run, and the parent's callbacks,
             # copied into this process by fork, are not its own
             self.callbacks = {"stdout": [], "stderr": []}
-            self.interleaver = Interleaver(one_log=True)  # output.log
-            self.session = install(on_output=self._dispatch, mode=self.mode)
+            self.raw_log, self.emulated_log = RawLog(), EmulatedLog(emulated_screen_factory())
+            self.session = install(on_output=self._dispatch, mode=self.mode,
+                                   on_pass_end=self._pass_end)
         self.callbacks[stream].append(callback)
 
     def remove(self, stream: str, callback: Callback) -> None:
@@ -64,47 +74,34 @@ class _SharedCapture:
             self.session.flush(timeout=10.0)
 
     def _dispatch(self, record: Record) -> None:
-        text = self.interleaver.render(record)
-        for callback in list(self.callbacks.get(record.stream, ())):
+        callbacks = self.callbacks.get(record.stream, ())
+        if any(not _emulates(callback) for callback in callbacks):
+            self.raw_log.feed(record)
+        if any(_emulates(callback) for callback in callbacks):
+            self.emulated_log.feed(record)
+
+    def _pass_end(self, final: bool) -> None:
+        for emulated, log in ((False, self.raw_log), (True, self.emulated_log)):
+            for stream, text in log.end_pass(final):
+                self._hand_on(stream, text, emulated)
+
+    def _hand_on(self, stream: str, text: str, emulated: bool) -> None:
+        for callback in list(self.callbacks.get(stream, ())):
+            if _emulates(callback) != emulated:
+                continue
             try:
                 callback(text)
             except Exception:
                 _logger.exception("error in a wandb console callback")
 
 
+def _emulates(callback: Callback) -> bool:
+    """Whether a callback takes the lines a terminal shows (those of wandb's emulating classes)
+    rather than raw text."""
+    return bool(getattr(getattr(callback, "__self__", None), "emulates", False))
+
+
 _captures = {mode: _SharedCapture(mode) for mode in ("wrap", "fd")}
-
-
-class _Screen:
-    """The lines a terminal shows for a text: what wandb's emulator gave the callbacks of
-    console="wrap_emu" and "redirect", whose records take `\\r` as a line break. A line goes out
-    once ended, as drawn after its `\\r` overwrites (a progress bar: its last state); the line
-    still being drawn waits. Cursor-moving escape sequences are passed through as text."""
-
-    def __init__(self) -> None:
-        self._line = ""  # the line being drawn
-        self._cursor = 0
-
-    def feed(self, text: str) -> str:
-        if not self._line and "\r" not in text and text.endswith("\n"):
-            return text  # whole plain lines: the common case, as they are
-        out = []
-        for piece in re.split("([\r\n])", text):
-            if piece == "\n":
-                out.append(self._line + "\n")
-                self._line, self._cursor = "", 0
-            elif piece == "\r":
-                self._cursor = 0
-            elif piece:
-                end = self._cursor + len(piece)
-                self._line = self._line[:self._cursor] + piece + self._line[end:]
-                self._cursor = end
-        return "".join(out)
-
-    def close(self) -> str:
-        """The line still being drawn, ended."""
-        return self.feed("\n") if self._line else ""
-
 
 
 class _SafeRedirect:
@@ -112,7 +109,8 @@ class _SafeRedirect:
 
     mode = "wrap"
     as_bytes = False  # what wandb's callbacks for this class take: str, or UTF-8 bytes
-    emulates = False  # whether wandb ran a terminal emulator before them (see _Screen)
+    #: whether wandb ran a terminal emulator before them: they take the lines it shows
+    emulates = False
 
     def __init__(self, src: str, cbs: Iterable[Callback] = (), **_options: Any) -> None:
         if src not in ("stdout", "stderr"):
@@ -120,7 +118,6 @@ class _SafeRedirect:
         self.src = src
         self.cbs = tuple(cbs)
         self._installed = False
-        self._screen = _Screen() if self.emulates else None
 
     @property
     def src_stream(self) -> Any:
@@ -136,8 +133,6 @@ class _SafeRedirect:
         return getattr(sys, self.src)
 
     def _deliver(self, text: str) -> None:
-        if self._screen is not None:
-            text = self._screen.feed(text)
         if not text:
             return
         data = text.encode("utf-8") if self.as_bytes else text
@@ -159,8 +154,6 @@ class _SafeRedirect:
             _captures[self.mode].flush()
             _captures[self.mode].remove(self.src, self._deliver)
             self._installed = False
-            if self._screen is not None:
-                self._deliver(self._screen.close())
 
 
 class StreamRawWrapper(_SafeRedirect):
@@ -169,7 +162,7 @@ class StreamRawWrapper(_SafeRedirect):
 
 class StreamWrapper(_SafeRedirect):
     """console="wrap_emu": wandb ran a terminal emulator over the text: its callbacks take
-    whole lines as shown (see _Screen), as UTF-8 bytes."""
+    whole lines as shown (see wandb_terminal), as UTF-8 bytes."""
 
     as_bytes = True
     emulates = True

@@ -1,0 +1,320 @@
+"""What wandb's console callbacks receive from many processes: one terminal per writer, batches
+per drain pass.
+
+wandb's "wrap_emu" and "redirect" classes run a `TerminalEmulator` over a process's stream and
+hand their callbacks the lines it shows (cursor movement, erasing and `\\r` redraws resolved,
+colours re-rendered); the run's `CRDedupedFile` writes them to output.log, holding back the last
+line. Patched, many processes write into one log: each writer (a process, or a thread with a
+rank of its own, and a stream) gets an emulator of its own, and a line goes out once it is
+finished (the cursor left it), tagged, so that the lines of several writers never run into each
+other and a progress bar lands as its last state under the tag of the writer that drew it.
+
+console="wrap" hands raw text to its callbacks (wandb-core renders it into output.log). The
+master's text stays raw; another process's text goes out in finished lines, its `\\r` redraws
+resolved, as wandb-core resolves them for a single process.
+
+Both hand their callbacks one text per stream per drain pass, not one per line: wandb's callbacks
+(a message to wandb-core, a `CRDedupedFile` write) cost the master's GIL per call.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from safe_redirect.drain import Record
+
+__all__ = ["EmulatedLog", "LineScreen", "RawLog", "Screen", "emulated_screen_factory"]
+
+#: (the process, its tag, the stream): one terminal each
+Writer = tuple[int, str, str]
+#: a finished line: (it redraws the writer's line that went out last, the line as shown)
+ScreenLine = tuple[bool, str]
+
+# what wandb's emulator treats as other than text: `\r`, escape sequences and every character
+# that `repr` shows as `\xNN` (its SEP_RE); a write without them is plain lines
+_SPECIAL = re.compile("[\r" + "".join(re.escape(chr(i)) for i in range(256)
+                                      if repr(chr(i)).startswith("'\\x")) + "]")
+
+
+class Screen(Protocol):
+    def write(self, text: str) -> list[ScreenLine]:
+        """Feed what the writer wrote; the lines it finished."""
+
+    def take_all(self) -> list[ScreenLine]:
+        """The lines still being drawn too (a flush: the writer may be gone)."""
+
+    @property
+    def idle(self) -> bool:
+        """Nothing drawn that did not go out: the screen can be forgotten."""
+
+
+class LineScreen:
+    """`\\r` and `\\n` only: a line goes out once ended, as drawn after its `\\r` overwrites.
+    Escape sequences are text. For wandb without `TerminalEmulator`, and for console="wrap"."""
+
+    def __init__(self) -> None:
+        self._line = ""  # the line being drawn
+        self._cursor = 0
+
+    @property
+    def idle(self) -> bool:
+        return not self._line
+
+    def write(self, text: str) -> list[ScreenLine]:
+        if not self._line and "\r" not in text and text.endswith("\n"):
+            return [(False, line) for line in text[:-1].split("\n")]  # the common case
+        out: list[ScreenLine] = []
+        for piece in re.split("([\r\n])", text):
+            if piece == "\n":
+                out.append((False, self._line))
+                self._line, self._cursor = "", 0
+            elif piece == "\r":
+                self._cursor = 0
+            elif piece:
+                end = self._cursor + len(piece)
+                self._line = self._line[:self._cursor] + piece + self._line[end:]
+                self._cursor = end
+        return out
+
+    def take_all(self) -> list[ScreenLine]:
+        return self.write("\n") if self._line else []
+
+
+class EmulatedScreen:
+    """One writer's terminal on wandb's own `TerminalEmulator`.
+
+    A row goes out once the cursor is below it, up to the last row with text (blank rows wait
+    for text after them, as wandb's emulator leaves trailing blank lines out). The row that went
+    out last can still change (a program erasing or redrawing the line above): it goes out
+    again as a redraw once the cursor is below it. Rows above that one are done.
+
+    Plain lines (no `\\r`, no escapes) written while nothing is being drawn skip the emulator:
+    it is made again, holding only the last line, when something else comes.
+    """
+
+    #: rows the emulator keeps above the last one that went out, before they are dropped
+    keep_rows = 64
+
+    def __init__(self, emulator_class: Callable[[], Any], default_char: Any) -> None:
+        self._new_emulator = emulator_class
+        self._default_char = default_char
+        self._emulator: Any = None  # None: at rest after whole lines (see _emulator_now)
+        self._sent = 0  # the rows above this one went out
+        self._last: str | None = None  # what row _sent - 1 went out as
+        self._blank = 0  # at rest: blank rows since the last that went out
+
+    @property
+    def idle(self) -> bool:
+        return self._emulator is None
+
+    def write(self, text: str) -> list[ScreenLine]:
+        if self._emulator is None and text.endswith("\n") and not _SPECIAL.search(text):
+            return self._plain_lines(text)
+        emulator = self._emulator_now()
+        try:
+            emulator.write(text)
+        except Exception:  # as wandb's StreamWrapper: an emulator failure loses the text only
+            pass
+        out = self._finished(emulator.cursor.y)
+        self._rest_if_done()
+        return out
+
+    def take_all(self) -> list[ScreenLine]:
+        if self._emulator is None:
+            return []
+        out = self._finished(max(self._emulator.num_lines, self._emulator.cursor.y))
+        self._rest_if_done()
+        return out
+
+    def _plain_lines(self, text: str) -> list[ScreenLine]:
+        rows = [""] * self._blank + [row.rstrip(" ") for row in text[:-1].split("\n")]
+        last = max((i for i, row in enumerate(rows) if row), default=-1)
+        self._blank = len(rows) - last - 1
+        if last < 0:
+            return []
+        self._last, self._sent = rows[last], 1
+        return [(False, row) for row in rows[:last + 1]]
+
+    def _emulator_now(self) -> Any:
+        """The emulator, made again after plain lines: the last line that went out on row 0
+        (something may draw over it), the cursor below it and the blank rows since."""
+        if self._emulator is None:
+            emulator = self._new_emulator()
+            if self._last is not None:
+                emulator.write(self._last + "\n")
+                emulator.cursor.char = self._default_char.copy()
+            emulator.cursor.y = self._sent + self._blank
+            self._emulator = emulator
+        return self._emulator
+
+    def _finished(self, below: int) -> list[ScreenLine]:
+        """The rows above `below` that went out not yet, and the last one if it changed."""
+        emulator = self._emulator
+        out: list[ScreenLine] = []
+        if self._last is not None and self._sent - 1 < below:
+            now = emulator._get_line(self._sent - 1)
+            if now != self._last:
+                out.append((True, now))
+                self._last = now
+        rows = [emulator._get_line(y) for y in range(self._sent, below)]
+        last = max((i for i, row in enumerate(rows) if row), default=-1)
+        if last >= 0:
+            out += [(False, row) for row in rows[:last + 1]]
+            self._sent += last + 1
+            self._last = rows[last]
+        return out
+
+    def _rest_if_done(self) -> None:
+        """Nothing being drawn, nothing below the cursor, no colour left on: forget the
+        emulator (see _emulator_now); else drop rows far above the cursor."""
+        emulator = self._emulator
+        cursor = emulator.cursor
+        if cursor.x == 0 and cursor.y >= self._sent and cursor.char == self._default_char and (
+                not any(emulator._get_line_len(y) for y in list(emulator.buffer)
+                        if y >= cursor.y)):
+            self._blank = cursor.y - self._sent
+            self._sent = 0 if self._last is None else 1
+            self._emulator = None
+        elif self._sent > self.keep_rows and cursor.y >= self._sent - 1:
+            shift = self._sent - 1
+            rows = {y - shift: row for y, row in emulator.buffer.items() if y >= shift}
+            emulator.buffer.clear()
+            emulator.buffer.update(rows)
+            emulator._num_lines = None
+            cursor.y -= shift
+            self._sent -= shift
+
+
+def emulated_screen_factory() -> Callable[[], Screen]:
+    """Screens on wandb's `TerminalEmulator` where it has the one this module reads, else
+    `LineScreen`."""
+    try:
+        from wandb.sdk.lib.redirect import Char, TerminalEmulator
+    except ImportError:
+        return LineScreen
+    needed = ("_get_line", "_get_line_len", "write", "num_lines")
+    if not all(hasattr(TerminalEmulator, name) for name in needed):
+        return LineScreen
+    default = Char()  # type: ignore[no-untyped-call]
+    return lambda: EmulatedScreen(TerminalEmulator, default)
+
+
+def _tagged(tag: str, line: str) -> str:
+    """A tag only in front of text: a blank line stays blank."""
+    return tag + line if line else ""
+
+
+class EmulatedLog:
+    """The lines of every writer, in the order they were finished, as wandb's emulating classes
+    hand them on: per stream, whole lines, each tagged, a redraw as `\\r` + the line.
+
+    Batches are cut for a log writer that holds back its last line (wandb's `CRDedupedFile`,
+    shared by both streams): a redraw's `\\r` takes back the line the log ends with, so it is
+    sent only while that line is the same writer's (else the line comes again as a new one);
+    and a batch that would leave the log only a blank line (the first line of all, a redraw
+    alone) waits for the next pass's lines, or a flush.
+    """
+
+    def __init__(self, new_screen: Callable[[], Screen]) -> None:
+        self._new_screen = new_screen
+        self._screens: dict[Writer, Screen] = {}
+        self._pending: list[tuple[Writer, bool, str]] = []
+        self._last_writer: Writer | None = None  # whose line the log ends with
+        self._log_holds_line = False  # the log writer holds back a line
+
+    def feed(self, record: Record) -> None:
+        writer = (record.pid, record.tag, record.stream)
+        screen = self._screens.get(writer)
+        if screen is None:
+            screen = self._screens[writer] = self._new_screen()
+        self._pending += [(writer, redraw, line) for redraw, line in screen.write(record.text)]
+
+    def end_pass(self, final: bool) -> list[tuple[str, str]]:
+        """(stream, text) to hand on, in order; `final`: a flush, everything goes."""
+        if final:
+            for writer, screen in list(self._screens.items()):
+                self._pending += [(writer, redraw, line) for redraw, line in screen.take_all()]
+                if screen.idle:
+                    del self._screens[writer]
+        if not self._pending:
+            return []
+        groups: list[list[tuple[Writer, bool, str]]] = []
+        for item in self._pending:
+            if groups and groups[-1][0][0][2] == item[0][2]:
+                groups[-1].append(item)
+            else:
+                groups.append([item])
+        out = []
+        self._pending = []
+        for n, group in enumerate(groups):
+            text, last_writer, lines_held = self._render(group)
+            if not final and n == len(groups) - 1 and lines_held < 2:
+                self._pending = group  # the log would get only a blank line now
+                break
+            self._last_writer, self._log_holds_line = last_writer, lines_held > 0
+            if text:
+                out.append((group[0][0][2], text))
+        return out
+
+    def _render(self, group: list[tuple[Writer, bool, str]]) -> tuple[str, Writer | None, int]:
+        """The text of one stream's lines; the writer the log then ends with, and how many
+        lines a log writer holding back its last line would have in hand for it."""
+        lines = []
+        last_writer, held = self._last_writer, int(self._log_holds_line)
+        for writer, redraw, line in group:
+            if redraw and writer == last_writer:
+                lines.append("\r" + _tagged(writer[1], line))
+                held = max(held - 1, 0) + bool(line)
+                last_writer = writer if line else None
+            elif line or not redraw:  # a redraw that cannot reach its line: a line of its own
+                lines.append(_tagged(writer[1], line))
+                if line:
+                    held += 1
+                    last_writer = writer
+        return ("\n".join(lines) + "\n" if lines else ""), last_writer, held
+
+
+class RawLog:
+    """console="wrap": the master's text as written, another writer's in finished lines (its
+    `\\r` redraws resolved, tagged), one log for both streams; per stream to the callbacks. A
+    finished line never continues the master's unfinished one: it starts a line of its own."""
+
+    def __init__(self) -> None:
+        self._screens: dict[Writer, LineScreen] = {}
+        self._pending: list[tuple[str, list[str]]] = []
+        self._master_mid_line = False  # the log ends inside a line of the master
+
+    def feed(self, record: Record) -> None:
+        if not record.tag:  # the master's own
+            self._add(record.stream, record.text)
+            self._master_mid_line = not record.text.endswith("\n")
+            return
+        writer = (record.pid, record.tag, record.stream)
+        screen = self._screens.get(writer)
+        if screen is None:
+            screen = self._screens[writer] = LineScreen()
+        self._add_lines(record.stream, record.tag, screen.write(record.text))
+
+    def end_pass(self, final: bool) -> list[tuple[str, str]]:
+        if final:
+            for (pid, tag, stream), screen in list(self._screens.items()):
+                self._add_lines(stream, tag, screen.take_all())
+                del self._screens[(pid, tag, stream)]
+        out = [(stream, "".join(texts)) for stream, texts in self._pending]
+        self._pending = []
+        return out
+
+    def _add_lines(self, stream: str, tag: str, lines: list[ScreenLine]) -> None:
+        if lines:
+            text = "".join(_tagged(tag, line) + "\n" for _, line in lines)
+            if self._master_mid_line:
+                text, self._master_mid_line = "\n" + text, False
+            self._add(stream, text)
+
+    def _add(self, stream: str, text: str) -> None:
+        if self._pending and self._pending[-1][0] == stream:
+            self._pending[-1][1].append(text)
+        else:
+            self._pending.append((stream, [text]))
