@@ -2,13 +2,14 @@
 capturing run, and what a 4-process job leaves in the run's output.log. console="off" shows what a
 print costs in a run that captures nothing: wandb's import-time write hook still runs (unpatched).
 
-    python benchmarks/bench_wandb.py [--prints N] [--job-lines N] [--reps N]
+    python benchmarks/bench_wandb.py [--prints N] [--job-lines N] [--reps N] [--unbuffered]
 
 Each configuration runs in a fresh interpreter (wandb.init once per process) with stdout on
-/dev/null, WANDB_MODE=offline, once per repetition. The print cost is the median of 5 timed
-batches, as a ratio to a plain print measured in the same process before wandb.init; the job's wall
-time runs from starting its 4 children to the end of run.finish(), as a ratio to the same job
-without wandb (console "none"). benchmarks/run.py runs this
+/dev/null, WANDB_MODE=offline, once per repetition; stdout block-buffered (PYTHONUNBUFFERED unset,
+as for a file or a pipe), or with --unbuffered line by line (PYTHONUNBUFFERED=1). The print cost
+is the median of 5 timed batches, as a ratio to a plain print measured in the same process before
+wandb.init; the job's wall time runs from starting its 4 children to the end of run.finish(), as
+a ratio to the same job without wandb (console "none"). benchmarks/run.py runs this
 as its part 4; alone, the results go to benchmarks/results/bench_wandb.json.
 """
 
@@ -85,12 +86,14 @@ CHILD = textwrap.dedent("""
 
 
 def measure(console: str, patch: str, prints: int, workdir: str,
-            job_lines: int = 400) -> dict[str, float]:
+            job_lines: int = 400, unbuffered: bool = False) -> dict[str, float]:
     script = Path(workdir) / "child.py"
     script.write_text(CHILD)
     report = Path(workdir) / f"{console}-{patch}.json"
     env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true")
     env.pop("PYTHONUNBUFFERED", None)
+    if unbuffered:
+        env["PYTHONUNBUFFERED"] = "1"
     with open(os.devnull, "w") as devnull:
         subprocess.run([sys.executable, str(script), console, patch, str(prints), str(report),
                         str(job_lines)],
@@ -105,8 +108,9 @@ def measure(console: str, patch: str, prints: int, workdir: str,
 #: of the cost. console="none" is no wandb at all: the job's baseline; console="off" is a run
 #: that captures nothing (wandb's import-time write hook still runs in every process).
 CONFIGS = (("none", "wandb"), ("off", "wandb"), ("off", "patched"), ("wrap", "wandb"),
-           ("redirect", "wandb"), ("wrap", "patched"), ("redirect", "patched"),
-           ("wrap", "patched-nocb"))
+           ("wrap_emu", "wandb"), ("redirect", "wandb"), ("wrap", "patched"),
+           ("wrap_emu", "patched"), ("redirect", "patched"), ("wrap", "patched-nocb"),
+           ("redirect", "patched-nocb"))
 
 
 def _prints_for(console: str, patch: str, prints: int) -> int:
@@ -117,7 +121,7 @@ def _prints_for(console: str, patch: str, prints: int) -> int:
 
 
 def measure_all(reps: int, prints: int, job_lines: int,
-                log: Callable[[str], object] = print) -> dict[str, Any]:
+                log: Callable[[str], object] = print, unbuffered: bool = False) -> dict[str, Any]:
     """Every configuration in a fresh interpreter per repetition, in rotating order, after one
     warm-up repetition at a tenth of the sizes. Per repetition: the print ratio (median of 5
     batches in the run / median of 5 plain batches before wandb.init, same process) and the
@@ -134,9 +138,11 @@ def measure_all(reps: int, prints: int, job_lines: int,
             for console, patch in (*CONFIGS[k:], *CONFIGS[:k]):
                 n = _prints_for(console, patch, prints)
                 if rep == 0:
-                    measure(console, patch, max(100, n // 10), workdir, max(400, job_lines // 10))
+                    measure(console, patch, max(100, n // 10), workdir, max(400, job_lines // 10),
+                            unbuffered)
                 else:
-                    got[f"{console} {patch}"] = measure(console, patch, n, workdir, job_lines)
+                    got[f"{console} {patch}"] = measure(console, patch, n, workdir, job_lines,
+                                                        unbuffered)
             for key, r in got.items():
                 row = samples[key]
                 for name in names[1:]:
@@ -144,7 +150,8 @@ def measure_all(reps: int, prints: int, job_lines: int,
                         row[name].append(r[name])
                 row["ratio"].append(r["hooked_ns"] / r["plain_ns"])
                 row["job_ratio"].append(r["job_s"] / got["none wandb"]["job_s"])
-    out: dict[str, Any] = {"prints": prints, "job_lines": job_lines, "reps": reps}
+    out: dict[str, Any] = {"prints": prints, "job_lines": job_lines, "reps": reps,
+                           "stdout": "unbuffered" if unbuffered else "block-buffered"}
     for key, by in samples.items():
         console, patch = key.split()
         out[key] = {"console": console, "capture": patch,
@@ -167,9 +174,11 @@ def main() -> int:
     parser.add_argument("--job-lines", type=int, default=400,
                         help="lines the 4-process job prints in all")
     parser.add_argument("--reps", type=int, default=5, help="repetitions after the warm-up")
+    parser.add_argument("--unbuffered", action="store_true",
+                        help="PYTHONUNBUFFERED=1 in the measured processes (default: unset)")
     args = parser.parse_args()
     results = measure_all(args.reps, args.prints, args.job_lines,
-                          lambda m: print(m, file=sys.stderr, flush=True))
+                          lambda m: print(m, file=sys.stderr, flush=True), args.unbuffered)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2))
     print(f"{'console':9} {'capture':12} {'plain ns':>9} {'in run ns':>10} {'ratio':>18} "

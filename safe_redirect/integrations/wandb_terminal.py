@@ -29,13 +29,28 @@ __all__ = ["EmulatedLog", "LineScreen", "RawLog", "Screen", "emulated_screen_fac
 
 #: (the process, its tag, the stream): one terminal each
 Writer = tuple[int, str, str]
-#: a finished line: (it redraws the writer's line that went out last, the line as shown)
+#: finished lines: (they redraw the writer's line that went out last, the lines as shown, joined
+#: by "\n"). A redraw is one line; plain lines come as one text, so that a batch of them costs
+#: a few string operations, not a few per line.
 ScreenLine = tuple[bool, str]
 
 # what wandb's emulator treats as other than text: `\r`, escape sequences and every character
-# that `repr` shows as `\xNN` (its SEP_RE); a write without them is plain lines
-_SPECIAL = re.compile("[\r" + "".join(re.escape(chr(i)) for i in range(256)
-                                      if repr(chr(i)).startswith("'\\x")) + "]")
+# that `repr` shows as `\xNN` (its SEP_RE); a write without them is plain lines. In a long text
+# they are looked for one by one (`in`, a memchr each): a character class costs ten times more.
+_CONTROLS = ("\r", *(chr(i) for i in range(256) if repr(chr(i)).startswith("'\\x")))
+_ASCII_CONTROLS = tuple(c for c in _CONTROLS if c.isascii())
+_CONTROL = re.compile("[" + "".join(re.escape(c) for c in _CONTROLS) + "]")
+# the emulator shows no trailing spaces: a space of default colour is an empty cell
+_TRAILING_SPACES = re.compile(" +\n")
+
+
+def _plain(text: str) -> bool:
+    """Whole lines the emulator would show as they are (but for trailing spaces)."""
+    if not text.endswith("\n"):
+        return False
+    if len(text) < 1024:
+        return _CONTROL.search(text) is None
+    return not any(c in text for c in (_ASCII_CONTROLS if text.isascii() else _CONTROLS))
 
 
 class Screen(Protocol):
@@ -64,7 +79,7 @@ class LineScreen:
 
     def write(self, text: str) -> list[ScreenLine]:
         if not self._line and "\r" not in text and text.endswith("\n"):
-            return [(False, line) for line in text[:-1].split("\n")]  # the common case
+            return [(False, text[:-1])]  # whole lines: the common case
         out: list[ScreenLine] = []
         for piece in re.split("([\r\n])", text):
             if piece == "\n":
@@ -94,7 +109,7 @@ class EmulatedScreen:
     it is made again, holding only the last line, when something else comes.
     """
 
-    #: rows the emulator keeps above the last one that went out, before they are dropped
+    #: rows the emulator keeps above the last one that went out
     keep_rows = 64
 
     def __init__(self, emulator_class: Callable[[], Any], default_char: Any) -> None:
@@ -110,7 +125,7 @@ class EmulatedScreen:
         return self._emulator is None
 
     def write(self, text: str) -> list[ScreenLine]:
-        if self._emulator is None and text.endswith("\n") and not _SPECIAL.search(text):
+        if self._emulator is None and _plain(text):
             return self._plain_lines(text)
         emulator = self._emulator_now()
         try:
@@ -124,36 +139,45 @@ class EmulatedScreen:
     def take_all(self) -> list[ScreenLine]:
         if self._emulator is None:
             return []
-        out = self._finished(max(self._emulator.num_lines, self._emulator.cursor.y))
+        out = self._finished(max(self._emulator.num_lines, self._emulator.cursor.y), True)
         self._rest_if_done()
         return out
 
     def _plain_lines(self, text: str) -> list[ScreenLine]:
-        rows = [""] * self._blank + [row.rstrip(" ") for row in text[:-1].split("\n")]
-        last = max((i for i, row in enumerate(rows) if row), default=-1)
-        self._blank = len(rows) - last - 1
-        if last < 0:
+        if " \n" in text:
+            text = _TRAILING_SPACES.sub("\n", text)
+        shown = text.rstrip("\n")
+        if not shown:
+            self._blank += len(text)
             return []
-        self._last, self._sent = rows[last], 1
-        return [(False, row) for row in rows[:last + 1]]
+        block = "\n" * self._blank + shown
+        self._blank = len(text) - len(shown) - 1  # blank rows after it wait for text
+        self._last, self._sent = shown[shown.rfind("\n") + 1:], 1
+        return [(False, block)]
 
     def _emulator_now(self) -> Any:
-        """The emulator, made again after plain lines: the last line that went out on row 0
-        (something may draw over it), the cursor below it and the blank rows since."""
+        """The emulator, made again after plain lines: the last line that went out (something
+        may draw over it) under blank rows that stand for the lines before it (what is drawn
+        there is lost, as wandb's own reads lose it), the cursor below it and the blank rows
+        since."""
         if self._emulator is None:
             emulator = self._new_emulator()
+            self._sent = 0  # nothing went out yet: no lines before
             if self._last is not None:
+                emulator.cursor.y = self.keep_rows
                 emulator.write(self._last + "\n")
                 emulator.cursor.char = self._default_char.copy()
+                self._sent = self.keep_rows + 1
             emulator.cursor.y = self._sent + self._blank
             self._emulator = emulator
         return self._emulator
 
-    def _finished(self, below: int) -> list[ScreenLine]:
-        """The rows above `below` that went out not yet, and the last one if it changed."""
+    def _finished(self, below: int, everything: bool = False) -> list[ScreenLine]:
+        """The rows above `below` that went out not yet, and the last one if it changed (once
+        the cursor left it, or for `everything`)."""
         emulator = self._emulator
         out: list[ScreenLine] = []
-        if self._last is not None and self._sent - 1 < below:
+        if self._last is not None and (everything or self._sent - 1 < below):
             now = emulator._get_line(self._sent - 1)
             if now != self._last:
                 out.append((True, now))
@@ -177,8 +201,8 @@ class EmulatedScreen:
             self._blank = cursor.y - self._sent
             self._sent = 0 if self._last is None else 1
             self._emulator = None
-        elif self._sent > self.keep_rows and cursor.y >= self._sent - 1:
-            shift = self._sent - 1
+        elif self._sent > 2 * self.keep_rows and cursor.y >= self._sent - 1:
+            shift = self._sent - 1 - self.keep_rows
             rows = {y - shift: row for y, row in emulator.buffer.items() if y >= shift}
             emulator.buffer.clear()
             emulator.buffer.update(rows)
@@ -201,26 +225,45 @@ def emulated_screen_factory() -> Callable[[], Screen]:
     return lambda: EmulatedScreen(TerminalEmulator, default)
 
 
-def _tagged(tag: str, line: str) -> str:
-    """A tag only in front of text: a blank line stays blank."""
-    return tag + line if line else ""
+def _tagged(tag: str, lines: str) -> str:
+    """A tag in front of every line with text: a blank line stays blank."""
+    if not tag:
+        return lines
+    if "\n" not in lines:
+        return tag + lines if lines else ""
+    return "\n".join(tag + line if line else "" for line in lines.split("\n"))
+
+
+def _lines_with_text(lines: str) -> int:
+    """How many of the lines have text, counted up to 2: all a log writer's hold-back needs
+    (see EmulatedLog), found in the first lines mostly."""
+    count = 0
+    for line in lines.split("\n"):
+        if line:
+            count += 1
+            if count == 2:
+                break
+    return count
 
 
 class EmulatedLog:
     """The lines of every writer, in the order they were finished, as wandb's emulating classes
-    hand them on: per stream, whole lines, each tagged, a redraw as `\\r` + the line.
+    hand them on: per stream, whole lines, each tagged.
 
-    Batches are cut for a log writer that holds back its last line (wandb's `CRDedupedFile`,
-    shared by both streams): a redraw's `\\r` takes back the line the log ends with, so it is
-    sent only while that line is the same writer's (else the line comes again as a new one);
-    and a batch that would leave the log only a blank line (the first line of all, a redraw
-    alone) waits for the next pass's lines, or a flush.
+    Batches are cut for the log writer behind them, wandb's `CRDedupedFile` (one for both
+    streams), which holds back the last line it got (a `\\r` line takes it back) and writes a
+    blank line for a batch that leaves it no other. So the last line of a pass waits here too,
+    for the next pass or a flush: a writer that erases or redraws it meanwhile (its screen's
+    redraw) changes it in place. A redraw of a line that went out (a flush came between) is
+    sent as `\\r` + the line while the log still ends with that writer's line, else as a line of
+    its own; and a batch that would leave the log only a blank line (the first of all) waits.
     """
 
     def __init__(self, new_screen: Callable[[], Screen]) -> None:
         self._new_screen = new_screen
         self._screens: dict[Writer, Screen] = {}
         self._pending: list[tuple[Writer, bool, str]] = []
+        self._kept: list[tuple[Writer | None, str]] = []  # rendered, not yet handed on
         self._last_writer: Writer | None = None  # whose line the log ends with
         self._log_holds_line = False  # the log writer holds back a line
 
@@ -238,42 +281,68 @@ class EmulatedLog:
                 self._pending += [(writer, redraw, line) for redraw, line in screen.take_all()]
                 if screen.idle:
                     del self._screens[writer]
-        if not self._pending:
+        if not self._pending and not (final and self._kept):
             return []
-        groups: list[list[tuple[Writer, bool, str]]] = []
-        for item in self._pending:
-            if groups and groups[-1][0][0][2] == item[0][2]:
-                groups[-1].append(item)
-            else:
-                groups.append([item])
-        out = []
+        entries, self._kept = self._kept, []
+        for writer, redraw, lines in self._pending:
+            self._render(entries, writer, redraw, lines)
         self._pending = []
-        for n, group in enumerate(groups):
-            text, last_writer, lines_held = self._render(group)
-            if not final and n == len(groups) - 1 and lines_held < 2:
-                self._pending = group  # the log would get only a blank line now
-                break
-            self._last_writer, self._log_holds_line = last_writer, lines_held > 0
-            if text:
-                out.append((group[0][0][2], text))
+        out = []
+        while entries:  # one stream at a time
+            stream = next((w[2] for w, _ in entries if w is not None), "stdout")
+            n = next((i for i, (w, _) in enumerate(entries) if w is not None and w[2] != stream),
+                     len(entries))
+            group, entries = entries[:n], entries[n:]
+            if not final and not entries:  # the last line waits (see the class)
+                keeper, text = group.pop()
+                if "\n" in text:
+                    head, text = text.rsplit("\n", 1)
+                    group.append((keeper, head))
+                self._kept = [(keeper, text)]
+                held, last_writer = self._held_after(group)
+                if held < 2:  # the log would get only a blank line now
+                    self._kept = group + self._kept
+                    break
+            else:
+                held, last_writer = self._held_after(group)
+            self._last_writer, self._log_holds_line = last_writer, held > 0
+            text = "\n".join(text for _, text in group)
+            if text.strip("\n"):  # not blank lines only
+                out.append((stream, text + "\n"))
         return out
 
-    def _render(self, group: list[tuple[Writer, bool, str]]) -> tuple[str, Writer | None, int]:
-        """The text of one stream's lines; the writer the log then ends with, and how many
-        lines a log writer holding back its last line would have in hand for it."""
-        lines = []
-        last_writer, held = self._last_writer, int(self._log_holds_line)
-        for writer, redraw, line in group:
-            if redraw and writer == last_writer:
-                lines.append("\r" + _tagged(writer[1], line))
-                held = max(held - 1, 0) + bool(line)
-                last_writer = writer if line else None
-            elif line or not redraw:  # a redraw that cannot reach its line: a line of its own
-                lines.append(_tagged(writer[1], line))
-                if line:
-                    held += 1
-                    last_writer = writer
-        return ("\n".join(lines) + "\n" if lines else ""), last_writer, held
+    def _render(self, entries: list[tuple[Writer | None, str]], writer: Writer, redraw: bool,
+                lines: str) -> None:
+        """Add a screen's lines; a redraw changes the line it redraws if not handed on yet."""
+        tag = writer[1]
+        tail_writer = entries[-1][0] if entries else self._last_writer
+        if redraw and tail_writer == writer:
+            if not entries:  # it went out: take it back
+                entries.append((writer, "\r" + _tagged(tag, lines)))
+                return
+            text = entries[-1][1]
+            head = text[:text.rfind("\n") + 1] or ("\r" if text.startswith("\r") else "")
+            if lines:
+                entries[-1] = (writer, head + _tagged(tag, lines))
+            elif head in ("", "\r"):
+                entries[-1:] = [(None, head)] if head else []
+            else:
+                entries[-1] = (None, head[:-1])  # the line before it: not known whose
+        elif lines or not redraw:  # a redraw that cannot reach its line: a line of its own
+            entries.append((writer if lines else None, _tagged(tag, lines)))
+
+    def _held_after(self, group: list[tuple[Writer | None, str]]) -> tuple[int, Writer | None]:
+        """How many lines (up to 2) the log writer has in hand after `group`, whose line
+        the log then ends with."""
+        held, last_writer = int(self._log_holds_line), self._last_writer
+        for writer, text in group:
+            if text.startswith("\r"):
+                held = max(held - 1, 0)
+            count = _lines_with_text(text)
+            if count:
+                held = min(held + count, 2)
+                last_writer = writer
+        return held, last_writer
 
 
 class RawLog:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import re
 
 import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
 from safe_redirect.drain import Record
 from safe_redirect.integrations.wandb_terminal import (
@@ -198,18 +200,27 @@ def test_two_writers_redrawing_at_once_each_land_their_last_state() -> None:
                                   ("stderr", "[rank0] A 3/3\n")]
 
 
-def test_a_redraw_takes_back_the_line_only_while_it_is_the_logs_last() -> None:
+def test_the_last_line_of_a_pass_waits_and_a_redraw_changes_it_in_place() -> None:
     log = EmulatedLog(emulated_screen_factory())
-    log.feed(record("first\nloading\n"))
-    assert log.end_pass(False) == [("stdout", "first\nloading\n")]
+    log.feed(record("first\nsecond\nloading\n"))
+    assert log.end_pass(False) == [("stdout", "first\nsecond\n")]  # the log holds one back too
     log.feed(record("\x1b[A\x1b[2Kloaded\n"))
-    assert log.end_pass(False) == []  # a redraw alone would leave the log a blank line
+    assert log.end_pass(False) == []
     log.feed(record("next\n"))
-    assert log.end_pass(False) == [("stdout", "\rloaded\nnext\n")]
-    # another writer's line came between: the redraw is a line of its own
-    log.feed(record("[other]\n", 2, "[rank1] "))
-    log.feed(record("\x1b[A\x1b[2Knext!\n"))
+    assert log.end_pass(False) == [("stdout", "loaded\n")]
+    log.feed(record("[other]\n", 2, "[rank1] "))  # another writer's line after "next"
+    assert log.end_pass(False) == [("stdout", "next\n")]
+    log.feed(record("\x1b[A\x1b[2Knext!\n"))  # not the log's last line: a line of its own
+    log.feed(record("\x1b[A\x1b[A\x1b[2Kfirst!\n"))  # above the last: lost, as wandb's reads
     assert log.end_pass(True) == [("stdout", "[rank1] [other]\nnext!\n")]
+
+
+def test_a_redraw_after_a_flush_takes_back_the_line_while_it_is_the_logs_last() -> None:
+    log = EmulatedLog(emulated_screen_factory())
+    log.feed(record("one\ntwo\nthree"))
+    assert log.end_pass(True) == [("stdout", "one\ntwo\nthree\n")]
+    log.feed(record(" and four\nfive\n"))
+    assert log.end_pass(True) == [("stdout", "\rthree and four\nfive\n")]
 
 
 def test_blank_lines_go_with_the_line_after_them_and_tags_only_in_front_of_text() -> None:
@@ -218,9 +229,10 @@ def test_blank_lines_go_with_the_line_after_them_and_tags_only_in_front_of_text(
     for text in ["A\n", "\n", "B\n", "\n", "\n", "C\n"]:
         log.feed(record(text, 2, "[rank0] "))
         out += log.end_pass(False)
+    # the first batch has two lines for the log, the last line (C) waits
+    assert out == [("stdout", "[rank0] A\n\n[rank0] B\n\n\n")]
     out += log.end_pass(True)
     assert "".join(text for _, text in out) == "[rank0] A\n\n[rank0] B\n\n\n[rank0] C\n"
-    assert out[0] == ("stdout", "[rank0] A\n\n[rank0] B\n")  # the first batch: two lines
 
 
 def test_plain_lines_after_colour_keep_the_colour() -> None:
@@ -236,7 +248,7 @@ def test_plain_lines_after_colour_keep_the_colour() -> None:
 def test_the_fallback_without_wandbs_emulator_resolves_carriage_returns() -> None:
     log = EmulatedLog(LineScreen)
     log.feed(record("50%\r100%\nnext\n", 2, "[rank0] "))
-    assert log.end_pass(False) == [("stdout", "[rank0] 100%\n[rank0] next\n")]
+    assert log.end_pass(True) == [("stdout", "[rank0] 100%\n[rank0] next\n")]
 
 
 def test_raw_keeps_the_masters_text_and_finishes_a_workers_lines() -> None:
@@ -253,3 +265,47 @@ def test_wandbs_emulator_is_the_one_used() -> None:
     from safe_redirect.integrations.wandb_terminal import EmulatedScreen
 
     assert isinstance(emulated_screen_factory()(), EmulatedScreen)
+
+
+def crdeduped(chunks: list[str]) -> bytes:
+    """What wandb's CRDedupedFile writes for these callback texts, closed."""
+    import io
+
+    from wandb.sdk.lib.filesystem import CRDedupedFile
+
+    class Kept(io.BytesIO):
+        def close(self) -> None:
+            self.kept = self.getvalue()
+
+    target = Kept()
+    log = CRDedupedFile(target)
+    for chunk in chunks:
+        log.write(chunk.encode())
+    log.close()
+    return target.kept
+
+
+PIECES = ["a", "bc", " ", "\n", "\n\n", "\r", "\x1b[31m", "\x1b[0m", "\x1b[2K", "\x1b[K",
+          "\x1b[1K", "\x07", "\b", "\x1b[A\x1b[2K", "é"]
+
+
+@given(st.lists(st.lists(st.sampled_from(PIECES), max_size=6).map("".join), max_size=12),
+       st.lists(st.booleans(), min_size=12, max_size=12))
+@settings(max_examples=300, deadline=None)
+def test_one_writer_in_passes_writes_the_log_wandb_writes_in_one(writes, pass_ends) -> None:
+    """Any writes of one process, the batches cut anywhere: the log reads as wandb's emulator
+    read once at the end (as an offline run does) and written by its CRDedupedFile. (A cursor
+    moved up past the last line that went out is outside this: see the README.)"""
+    from wandb.sdk.lib.redirect import TerminalEmulator
+
+    assume("".join(writes).count("\x1b[A") <= 1)
+    alone = TerminalEmulator()
+    log = EmulatedLog(emulated_screen_factory())
+    chunks: list[str] = []
+    for text, pass_end in zip(writes, pass_ends, strict=False):
+        alone.write(text)
+        log.feed(record(text))
+        if pass_end:
+            chunks += [text for _, text in log.end_pass(False)]
+    chunks += [text for _, text in log.end_pass(True)]
+    assert crdeduped(chunks) == crdeduped([text for text in [alone.read()] if text])
