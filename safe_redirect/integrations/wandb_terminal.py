@@ -20,6 +20,7 @@ Both hand their callbacks one text per stream per drain pass, not one per line: 
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -257,7 +258,10 @@ class EmulatedLog:
     redraw) changes it in place. A redraw of a line that went out (a flush came between) is
     sent as `\\r` + the line while the log still ends with that writer's line, else as a line of
     its own; and a batch that would leave the log only a blank line (the first of all) waits.
+    A line that waited `release_after` seconds goes on (wandb's online flush is every 2 s).
     """
+
+    release_after = 2.0
 
     def __init__(self, new_screen: Callable[[], Screen]) -> None:
         self._new_screen = new_screen
@@ -266,6 +270,7 @@ class EmulatedLog:
         self._kept: list[tuple[Writer | None, str]] = []  # rendered, not yet handed on
         self._last_writer: Writer | None = None  # whose line the log ends with
         self._log_holds_line = False  # the log writer holds back a line
+        self._kept_since = 0.0
 
     def feed(self, record: Record) -> None:
         writer = (record.pid, record.tag, record.stream)
@@ -282,7 +287,11 @@ class EmulatedLog:
                 if screen.idle:
                     del self._screens[writer]
         if not self._pending and not (final and self._kept):
-            return []
+            if not self._kept or time.monotonic() - self._kept_since < self.release_after:
+                return []
+            if self._held_after(self._kept)[0] < 2:
+                return []  # it would leave the log only a blank line
+            final = True  # release it
         entries, self._kept = self._kept, []
         for writer, redraw, lines in self._pending:
             self._render(entries, writer, redraw, lines)
@@ -298,7 +307,7 @@ class EmulatedLog:
                 if "\n" in text:
                     head, text = text.rsplit("\n", 1)
                     group.append((keeper, head))
-                self._kept = [(keeper, text)]
+                self._kept, self._kept_since = [(keeper, text)], time.monotonic()
                 held, last_writer = self._held_after(group)
                 if held < 2:  # the log would get only a blank line now
                     self._kept = group + self._kept

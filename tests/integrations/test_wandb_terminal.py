@@ -309,3 +309,15 @@ def test_one_writer_in_passes_writes_the_log_wandb_writes_in_one(writes, pass_en
             chunks += [text for _, text in log.end_pass(False)]
     chunks += [text for _, text in log.end_pass(True)]
     assert crdeduped(chunks) == crdeduped([text for text in [alone.read()] if text])
+
+
+def test_a_line_that_waited_long_goes_on_and_a_redraw_then_takes_it_back() -> None:
+    log = EmulatedLog(emulated_screen_factory())
+    log.release_after = 0.0  # (2 s in use)
+    log.feed(record("zero\none\ntwo\n"))
+    assert log.end_pass(False) == [("stdout", "zero\none\n")]
+    assert log.end_pass(False) == [("stdout", "two\n")]  # it waited long enough
+    log.feed(record("\x1b[A\x1b[2Ktwo!\n"))
+    assert log.end_pass(False) == []  # a redraw alone would leave the log a blank line
+    log.feed(record("three\n"))
+    assert log.end_pass(True) == [("stdout", "\rtwo!\nthree\n")]
