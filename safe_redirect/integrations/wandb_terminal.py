@@ -140,6 +140,7 @@ class EmulatedScreen:
     def take_all(self) -> list[ScreenLine]:
         if self._emulator is None:
             return []
+        self._emulator._num_lines = None  # its cache: "\x1b[J" fills it mid-write, stale after
         out = self._finished(max(self._emulator.num_lines, self._emulator.cursor.y), True)
         self._rest_if_done()
         return out
