@@ -27,6 +27,7 @@ from safe_redirect.integrations.wandb_terminal import (
     LineScreen,
     RawLog,
     emulated_screen_factory,
+    faster_log_writer,
 )
 from safe_redirect.session import Session, install
 
@@ -116,7 +117,7 @@ class _SafeRedirect:
         if src not in ("stdout", "stderr"):
             raise ValueError(f"src must be 'stdout' or 'stderr', not {src!r}")
         self.src = src
-        self.cbs = tuple(cbs)
+        self.cbs = tuple(faster_log_writer(cb) for cb in cbs) if self.emulates else tuple(cbs)
         self._installed = False
 
     @property

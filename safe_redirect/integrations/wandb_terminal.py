@@ -397,3 +397,30 @@ class RawLog:
             self._pending[-1][1].append(text)
         else:
             self._pending.append((stream, [text]))
+
+
+def faster_log_writer(callback: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """`callback`, or where it is the `write` of wandb's `CRDedupedFile` (a run's output.log in
+    "wrap_emu" and "redirect"), the same write without its regular-expression split per line
+    for a batch of plain lines (no `\\r`, no blank line): the same bytes in the file, at a few
+    string operations per batch (it was most of the master's cost of a print). Anything else
+    goes to wandb's own `write`."""
+    log: Any = getattr(callback, "__self__", None)
+    if getattr(callback, "__name__", "") != "write" or type(log).__name__ != "CRDedupedFile":
+        return callback
+    if not all(hasattr(log, name) for name in ("_buff", "lock", "f")):
+        return callback
+
+    def write(data: Any) -> None:
+        if (not isinstance(data, bytes) or not data.endswith(b"\n") or data.startswith(b"\n")
+                or b"\r" in data or b"\n\n" in data):
+            callback(data)
+            return
+        head, _, last = data[:-1].rpartition(b"\n")
+        with log.lock:
+            done = [line for line in (log._buff, head) if line]
+            log._buff = last
+            log.f.write(b"\n".join(done) + b"\n")
+            log.f.flush()
+
+    return write

@@ -322,3 +322,30 @@ def test_a_line_that_waited_long_goes_on_and_a_redraw_then_takes_it_back() -> No
     assert log.end_pass(False) == []  # a redraw alone would leave the log a blank line
     log.feed(record("three\n"))
     assert log.end_pass(True) == [("stdout", "\rtwo!\nthree\n")]
+
+
+@given(st.lists(st.lists(st.sampled_from(["a", "bc", "\n", "\r", "\n\n", "\r\n"]), max_size=8)
+                .map("".join), max_size=8))
+@settings(max_examples=300, deadline=None)
+def test_the_faster_output_log_writer_writes_what_wandbs_writes(batches) -> None:
+    """Any batches: the same bytes as wandb's CRDedupedFile.write, closed."""
+    import io
+
+    from wandb.sdk.lib.filesystem import CRDedupedFile
+
+    from safe_redirect.integrations.wandb_terminal import faster_log_writer
+
+    class Kept(io.BytesIO):
+        def close(self) -> None:
+            self.kept = self.getvalue()
+
+    files = [Kept(), Kept()]
+    logs = [CRDedupedFile(f) for f in files]
+    faster = faster_log_writer(logs[1].write)
+    assert faster is not logs[1].write
+    for batch in batches:
+        logs[0].write(batch.encode())
+        faster(batch.encode())
+    for log in logs:
+        log.close()
+    assert files[1].kept == files[0].kept
