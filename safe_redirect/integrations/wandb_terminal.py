@@ -238,13 +238,15 @@ def _tagged(tag: str, lines: str) -> str:
 
 def _lines_with_text(lines: str) -> int:
     """How many of the lines have text, counted up to 2: all a log writer's hold-back needs
-    (see EmulatedLog), found in the first lines mostly."""
-    count = 0
-    for line in lines.split("\n"):
-        if line:
+    (see EmulatedLog). Looks at the first lines only, not at a whole batch."""
+    count = start = 0
+    while count < 2:
+        end = lines.find("\n", start)
+        if (len(lines) if end < 0 else end) > start:
             count += 1
-            if count == 2:
-                break
+        if end < 0:
+            break
+        start = end + 1
     return count
 
 
