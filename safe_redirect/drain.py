@@ -10,7 +10,10 @@ decoder, and invalid bytes become U+FFFD instead of an exception.
 from __future__ import annotations
 
 import codecs
+import fcntl
 import os
+import struct
+import termios
 import threading
 import time
 from collections.abc import Callable
@@ -319,6 +322,34 @@ class Drain:
                 reader.close_pipes()
         return delivered and stopped
 
+    def sync_child_pipes(self, timeout: float | None) -> bool:
+        """fd mode: what a live child wrote may still sit in its pipe, not yet read by its pump.
+        Wait (bounded) until each child pipe has been seen empty once, then sync: everything the
+        children wrote before the call is delivered. False on timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if not self.sync(timeout):  # a reader, its pipes opened, for every lane claimed by now
+            return False
+        ours = []
+        for reader in list(self._readers.values()):
+            for fd in list(reader.pipes.values()):
+                try:
+                    ours.append(os.dup(fd))  # the drain thread may close its own at any time
+                except OSError:
+                    pass
+        try:
+            pending = ours
+            while pending:
+                pending = [fd for fd in pending if _unread_bytes(fd) > 0]
+                if not pending:
+                    break
+                if deadline is not None and time.monotonic() >= deadline:
+                    return False
+                time.sleep(0.0005)
+        finally:
+            for fd in ours:
+                os.close(fd)
+        return self.sync(None if deadline is None else max(0.0, deadline - time.monotonic()))
+
     # -- the thread
 
     def _run(self) -> None:
@@ -425,6 +456,15 @@ class Drain:
             self._segment.free(lane)
             self._readers.pop(lane, None)
             self.lanes_reclaimed += 1
+
+
+def _unread_bytes(fd: int) -> int:
+    """How many bytes a pipe holds (0 once closed or not a pipe)."""
+    try:
+        unread: int = struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]
+    except OSError:
+        return 0
+    return unread
 
 
 def _report(message: str) -> None:
