@@ -11,6 +11,8 @@ from typing import Any
 
 import pytest
 
+from safe_redirect import spawn
+
 from .conftest import run_python_file
 
 WAITING_AT_UNINSTALL = """
@@ -107,7 +109,9 @@ if __name__ == "__main__":
             "pid": pid, "server": forkserver._forkserver._forkserver_pid,
             "lines": [(r.pid, r.text) for r in records if r.pid != os.getpid()]}
     run_child(context, "after")
-    seen["server after"] = forkserver._forkserver._forkserver_pid
+    seen["server after"] = server = forkserver._forkserver._forkserver_pid
+    seen["server on the terminal"] = all(  # not left on a pipe of the first session's master
+        os.stat(f"/proc/{server}/fd/{fd}").st_ino == os.fstat(fd).st_ino for fd in (1, 2))
     print(json.dumps(seen), file=sys.stderr)
 """
 
@@ -123,6 +127,7 @@ def test_one_forkserver_serves_each_session_its_own_children(tmp_path, mode, sta
     seen = _report(result)
     servers = {seen["session 0"]["server"], seen["session 1"]["server"], seen["server after"]}
     assert len(servers) == 1 and None not in servers  # never stopped nor restarted
+    assert seen["server on the terminal"]
     for round_ in range(2):
         session = seen[f"session {round_}"]
         assert session["lines"] == [[session["pid"], f"session {round_} in {session['pid']}\n"]]
@@ -216,3 +221,19 @@ def test_wandb_finish_returns_while_forkserver_children_wait(tmp_path, console) 
         assert [x for x in lines if x.startswith(f"[rank{rank}] ")] == [
             f"[rank{rank}] child {rank} line {i}" for i in range(5)]
         assert f"child {rank} after finish" in result.stdout
+
+
+def test_the_hand_over_is_installed_once_and_rides_only_in_forkserver_requests() -> None:
+    import multiprocessing.spawn as mp_spawn
+    import pickle
+
+    spawn.hand_over_to_forkserver_children()
+    patched = mp_spawn.get_preparation_data
+    spawn.hand_over_to_forkserver_children()
+    assert mp_spawn.get_preparation_data is patched  # idempotent: never wrapped twice
+    data = mp_spawn.get_preparation_data("worker")
+    assert spawn.HAND_OVER_KEY in data
+    # a spawn request (or any other pickling) carries None; spawn children attach by their
+    # environment
+    assert pickle.loads(pickle.dumps(data[spawn.HAND_OVER_KEY])) is None
+    assert not spawn.is_forkserver()
