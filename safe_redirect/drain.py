@@ -324,31 +324,41 @@ class Drain:
 
     def sync_child_pipes(self, timeout: float | None) -> bool:
         """fd mode: what a live child wrote may still sit in its pipe, not yet read by its pump.
-        Wait (bounded) until each child pipe has been seen empty once, then sync: everything the
-        children wrote before the call is delivered. False on timeout."""
+        Wait (bounded) until the pump of each child has read what its pipes held at the call (its
+        lane's byte count grew by as much, or the pipes were seen empty: a child printing flat
+        out does not hold us up), then sync. False on timeout."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        if not self.sync(timeout):  # a reader, its pipes opened, for every lane claimed by now
-            return False
-        ours = []
-        for reader in list(self._readers.values()):
-            for fd in list(reader.pipes.values()):
-                try:
-                    ours.append(os.dup(fd))  # the drain thread may close its own at any time
-                except OSError:
-                    pass
+        pending: dict[int, tuple[list[int], int]] = {}  # lane -> (its pipes, count to reach)
         try:
-            pending = ours
-            while pending:
-                pending = [fd for fd in pending if _unread_bytes(fd) > 0]
+            for lane in self._segment.busy_lanes():
+                info = self._ring.lane_info(lane)
+                if lane == self._master_lane or max(info.pipe_fds) < 0:
+                    continue
+                pipes = [open_peer_pipe(info.owner_pid, fd) for fd in info.pipe_fds]
+                ours = [fd for fd in pipes if fd is not None]
+                held = sum(map(_unread_bytes, ours))
+                pending[lane] = (ours, info.bytes + info.spilled_bytes + held if held else -1)
+            while True:
+                for lane, (ours, target) in list(pending.items()):
+                    if self._bytes_read(lane) >= target or not any(map(_unread_bytes, ours)):
+                        del pending[lane]
+                        for fd in ours:
+                            os.close(fd)
                 if not pending:
                     break
                 if deadline is not None and time.monotonic() >= deadline:
                     return False
                 time.sleep(0.0005)
         finally:
-            for fd in ours:
-                os.close(fd)
+            for ours, _ in pending.values():
+                for fd in ours:
+                    os.close(fd)
         return self.sync(None if deadline is None else max(0.0, deadline - time.monotonic()))
+
+    def _bytes_read(self, lane: int) -> int:
+        """What the lane's producer has taken in so far, stored or spilled."""
+        info = self._ring.lane_info(lane)
+        return info.bytes + info.spilled_bytes
 
     # -- the thread
 

@@ -267,12 +267,12 @@ class Session:
         unexport(self._attach_info, self._previous_env)
         if self._fd is not None and not self._fd.stop(timeout):
             _warn(f"safe_redirect: the fd pump did not drain within {timeout} s")
-        assert self._drain is not None
-        if self._fd is not None:
+        if self._fd is not None and self._drain is not None:
             self._drain.sync_child_pipes(timeout)  # what live children's pumps have not read yet
         # Children still writing detach at their next write, *then* the final drain: whatever
         # a child published before that is delivered; nothing is left unread in a lane.
         self._ring.segment.mark_closed()
+        assert self._drain is not None
         delivered = self._drain.stop(timeout)
         self._final_stats = self.stats()
         self._finish()

@@ -28,9 +28,10 @@ def child(n, printed, go):
     sys.exit(10 + n)
 
 if __name__ == "__main__":
-    context = multiprocessing.get_context("forkserver")
+    mode, method = sys.argv[1:]
+    context = multiprocessing.get_context(method)
     records = []
-    session = safe_redirect.install(on_output=records.append, mode=sys.argv[1])
+    session = safe_redirect.install(on_output=records.append, mode=mode)
     printed, go = context.Semaphore(0), context.Event()
     children = [context.Process(target=child, args=(n, printed, go)) for n in range(3)]
     for c in children:
@@ -58,13 +59,16 @@ def _report(result: Any) -> dict[str, Any]:
 
 
 @pytest.mark.timeout(180)
+@pytest.mark.parametrize("method", ["forkserver", "fork"])
 @pytest.mark.parametrize("mode", ["wrap", "fd"])
-def test_forkserver_children_waiting_at_uninstall_keep_running_and_their_exit_codes(
-        tmp_path, mode) -> None:
+def test_children_waiting_at_uninstall_keep_running_and_their_exit_codes(tmp_path, mode,
+                                                                         method) -> None:
     """uninstall() returns within its bound while the children still wait; each child's exit
-    code is its own (not 255 from a stopped forkserver); what they printed before is delivered,
-    what they print after reaches the terminal."""
-    result = run_python_file(tmp_path / "main.py", WAITING_AT_UNINSTALL, 150, args=(mode,))
+    code is its own (not 255 from a stopped forkserver); what they printed before is delivered
+    (fd mode: also what their pumps had not read yet), what they print after reaches the
+    terminal."""
+    result = run_python_file(tmp_path / "main.py", WAITING_AT_UNINSTALL, 150,
+                             args=(mode, method))
     report = _report(result)
     assert report["alive"] == [True, True, True]  # uninstall() did not wait for them
     assert report["took"] < 5 + 2  # its own bound, and some slack for a loaded machine
@@ -237,3 +241,42 @@ def test_the_hand_over_is_installed_once_and_rides_only_in_forkserver_requests()
     # environment
     assert pickle.loads(pickle.dumps(data[spawn.HAND_OVER_KEY])) is None
     assert not spawn.is_forkserver()
+
+
+FLAT_OUT = """
+import multiprocessing, os, sys, time
+import safe_redirect
+
+def chatter(started):
+    started.set()
+    while True:
+        os.write(1, b"x" * 100 + b"\\\\n")
+
+if __name__ == "__main__":
+    context = multiprocessing.get_context(sys.argv[1])
+    records = []
+    session = safe_redirect.install(on_output=records.append, mode="fd")
+    started = context.Event()
+    child = context.Process(target=chatter, args=(started,), daemon=True)
+    child.start()
+    assert started.wait(60)
+    time.sleep(0.2)
+    t0 = time.monotonic()
+    session.uninstall(timeout=30)
+    took = time.monotonic() - t0
+    child.kill()
+    child.join(60)
+    print("master done")
+    print(took, len(records) > 0, file=sys.stderr)
+"""
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("method", ["forkserver", "fork"])
+def test_uninstall_does_not_wait_for_a_child_printing_flat_out(tmp_path, method) -> None:
+    """fd mode waits for what children's pumps have not read yet, not for their pipes to stay
+    empty: a child that never stops printing does not use up uninstall()'s timeout."""
+    result = run_python_file(tmp_path / "main.py", FLAT_OUT, 150, args=(method,))
+    assert result.returncode == 0, result.stderr[-3000:]
+    took, captured = result.stderr.strip().splitlines()[-1].split()
+    assert float(took) < 15 and captured == "True"  # far below the 30 s it was given
