@@ -74,11 +74,14 @@ def test_children_waiting_at_uninstall_keep_running_and_their_exit_codes(tmp_pat
     assert report["took"] < 5 + 2  # its own bound, and some slack for a loaded machine
     assert report["codes"] == [10, 11, 12]
     assert report["lines"] == [f"child {n} before\n" for n in range(3)]
-    for n in range(3):  # whole on the terminal (a splice of two processes' lines is possible
-        # with unbuffered stdout, as without safe_redirect: print makes two writes)
+    for n in range(3):
         assert f"child {n} before" in result.stdout
         assert f"child {n} after" in result.stdout
-    assert "master after" in result.stdout
+    # every character once on the terminal, newlines included. Not line by line: with unbuffered
+    # stdout (PYTHONUNBUFFERED=1) print makes two writes, and two processes' lines can splice,
+    # as they do without safe_redirect.
+    written = [f"child {n} {when}\n" for n in range(3) for when in ("before", "after")]
+    assert sorted(result.stdout) == sorted("".join(written) + "master after\n")
     assert "Traceback" not in result.stderr
 
 
