@@ -57,6 +57,7 @@ def process_startup() -> object | None:
         return None
     if is_forkserver():
         _leave_the_masters_pipes(raw)
+        _import_for_children()
         return None
     return _attach(raw)
 
@@ -115,6 +116,15 @@ def _leave_the_masters_pipes(raw: str) -> None:
             reopen_terminal(info.master_pid, info.terminal_fds, info.streams)
     except Exception:
         pass  # fds 1 and 2 stay on the master's pipes: the output is still captured, untagged
+
+
+def _import_for_children() -> None:
+    """A forkserver imports what its children attach with, once: each child inherits it instead
+    of importing it again (measured: about 200 ms per child otherwise)."""
+    try:
+        import safe_redirect.session  # noqa: F401
+    except Exception:
+        pass
 
 
 def _say(message: str) -> None:
