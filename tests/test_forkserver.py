@@ -117,6 +117,8 @@ if __name__ == "__main__":
             "lines": [(r.pid, r.text) for r in records if r.pid != os.getpid()]}
     run_child(context, "after")
     seen["server after"] = server = forkserver._forkserver._forkserver_pid
+    with open(f"/proc/{server}/maps") as maps:  # imported once there, not in every child
+        seen["server imported the capture"] = "_ring." in maps.read()
     seen["server on the terminal"] = all(  # not left on a pipe of the first session's master
         os.stat(f"/proc/{server}/fd/{fd}").st_ino == os.fstat(fd).st_ino for fd in (1, 2))
     print(json.dumps(seen), file=sys.stderr)
@@ -135,6 +137,7 @@ def test_one_forkserver_serves_each_session_its_own_children(tmp_path, mode, sta
     servers = {seen["session 0"]["server"], seen["session 1"]["server"], seen["server after"]}
     assert len(servers) == 1 and None not in servers  # never stopped nor restarted
     assert seen["server on the terminal"]
+    assert seen["server imported the capture"] == (started != "before")
     for round_ in range(2):
         session = seen[f"session {round_}"]
         assert session["lines"] == [[session["pid"], f"session {round_} in {session['pid']}\n"]]
