@@ -88,9 +88,10 @@ def forkserver_pid() -> int | None:
     return pid if isinstance(pid, int) else None
 
 
-#: How multiprocessing starts its forkserver: `python -c "from multiprocessing.forkserver import
-#: main; main(...)"` (3.11 to 3.14).
-FORKSERVER_COMMAND = "from multiprocessing.forkserver import main"
+#: How multiprocessing starts its forkserver: `python [flags] -c "...from multiprocessing.forkserver
+#: import main; main(...)" [args]` (3.11: the command starts so; 3.14: `import sys; ` comes first,
+#: and the parent's arguments follow the command).
+FORKSERVER_IMPORT = "from multiprocessing.forkserver import main"
 #: The key of the hand-over in the preparation data of a forkserver request.
 HAND_OVER_KEY = "safe_redirect_attach"
 #: What the forkserver's child runs as it unpickles its request. Plain source for `exec`, so that
@@ -107,10 +108,15 @@ else:
 
 
 def is_forkserver() -> bool:
-    """Whether this interpreter is a multiprocessing forkserver (known from its command line,
-    which is already set when a `.pth` runs)."""
-    argv: list[str] = getattr(sys, "orig_argv", [])
-    return len(argv) >= 2 and argv[-2] == "-c" and argv[-1].startswith(FORKSERVER_COMMAND)
+    """Whether this interpreter is a multiprocessing forkserver, known from its command line
+    (already set when a `.pth` runs: `sys.argv` is `["-c", ...]`, `sys.orig_argv` holds the
+    command)."""
+    argv: list[str] = getattr(sys, "argv", [])
+    orig_argv: list[str] = getattr(sys, "orig_argv", [])
+    if argv[:1] != ["-c"] or "-c" not in orig_argv[1:]:
+        return False
+    command = orig_argv.index("-c", 1) + 1
+    return command < len(orig_argv) and FORKSERVER_IMPORT in orig_argv[command]
 
 
 class _HandOver:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from typing import Any
 
 import pytest
@@ -286,3 +288,18 @@ def test_uninstall_does_not_wait_for_a_child_printing_flat_out(tmp_path, method)
     assert result.returncode == 0, result.stderr[-3000:]
     took, captured = result.stderr.strip().splitlines()[-1].split()
     assert float(took) < 15 and captured == "True"  # far below the 30 s it was given
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    # 3.11 to 3.13
+    (["-c", "from multiprocessing.forkserver import main; import sys; CHECK"], True),
+    # 3.14: the command imports sys first, and the parent's arguments follow it
+    (["-c", "import sys; from multiprocessing.forkserver import main; CHECK", "--lr", "3"], True),
+    (["-c", "CHECK"], False),
+    (["-u", "-c", "CHECK", "-c", "from multiprocessing.forkserver import main"], False),
+])
+def test_a_forkserver_is_known_by_its_command_line(args, expected) -> None:
+    check = "from safe_redirect.spawn import is_forkserver; print(is_forkserver())"
+    args = [arg.replace("CHECK", check) for arg in args]
+    done = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip() == str(expected), done.stderr
