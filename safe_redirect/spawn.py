@@ -23,6 +23,7 @@ import site
 import sys
 import sysconfig
 from dataclasses import asdict, dataclass
+from typing import Any
 
 __all__ = [
     "ENV_VAR", "HAND_OVER_KEY", "PATCH_VAR", "PTH_LINE", "PTH_NAME", "AttachInfo", "ensure_pth",
@@ -150,8 +151,8 @@ def hand_over_to_forkserver_children() -> None:
     if getattr(original, "_safe_redirect_hand_over", False):
         return
 
-    def get_preparation_data(name: str) -> dict[str, object]:
-        data = original(name)
+    def get_preparation_data(*args: Any, **kwargs: Any) -> dict[str, object]:
+        data: dict[str, object] = original(*args, **kwargs)
         data[HAND_OVER_KEY] = _HandOver(os.environ.get(ENV_VAR))
         return data
 
