@@ -328,7 +328,7 @@ class Drain:
         lane's byte count grew by as much, or the pipes were seen empty: a child printing flat
         out does not hold us up), then sync. False on timeout."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        pending: dict[int, tuple[list[int], int]] = {}  # lane -> (its pipes, count to reach)
+        pending: dict[int, tuple[list[int], int, int]] = {}  # lane -> (pipes, owner, count due)
         try:
             for lane in self._segment.busy_lanes():
                 info = self._ring.lane_info(lane)
@@ -337,10 +337,11 @@ class Drain:
                 pipes = [open_peer_pipe(info.owner_pid, fd) for fd in info.pipe_fds]
                 ours = [fd for fd in pipes if fd is not None]
                 held = sum(map(_unread_bytes, ours))
-                pending[lane] = (ours, info.bytes + info.spilled_bytes + held if held else -1)
+                pending[lane] = (ours, info.owner_pid,
+                                 info.bytes + info.spilled_bytes + held if held else -1)
             while True:
-                for lane, (ours, target) in list(pending.items()):
-                    if self._bytes_read(lane) >= target or not any(map(_unread_bytes, ours)):
+                for lane, (ours, owner, due) in list(pending.items()):
+                    if self._pump_caught_up(lane, owner, due) or not any(map(_unread_bytes, ours)):
                         del pending[lane]
                         for fd in ours:
                             os.close(fd)
@@ -350,15 +351,18 @@ class Drain:
                     return False
                 time.sleep(0.0005)
         finally:
-            for ours, _ in pending.values():
+            for ours, _, _ in pending.values():
                 for fd in ours:
                     os.close(fd)
         return self.sync(None if deadline is None else max(0.0, deadline - time.monotonic()))
 
-    def _bytes_read(self, lane: int) -> int:
-        """What the lane's producer has taken in so far, stored or spilled."""
+    def _pump_caught_up(self, lane: int, owner: int, due: int) -> bool:
+        """The lane's producer has taken in `due` bytes (stored or spilled), or is gone: the
+        reaping of a dead child's lane empties its pipes, a closed lane's pump has drained."""
         info = self._ring.lane_info(lane)
-        return info.bytes + info.spilled_bytes
+        if info.owner_pid != owner or info.state != _ring.LANE_ACTIVE:
+            return True
+        return info.bytes + info.spilled_bytes >= due
 
     # -- the thread
 
