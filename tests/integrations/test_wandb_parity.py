@@ -158,8 +158,14 @@ def test_every_line_lands_whatever_ends_the_run(tmp_path, ending, console) -> No
     patched = run_script(tmp_path, ENDINGS_SCRIPT, True, ending, "fork", console)
     assert alone.returncode == patched.returncode, (alone.stderr[-2000:], patched.stderr[-2000:])
     assert "timed out" not in patched.stderr
-    logged_alone = [x for x in MASTER_LINES if x in output_log(alone)]
-    assert [x for x in MASTER_LINES if x in output_log(patched)] == logged_alone
+    logged_alone = {x for x in MASTER_LINES if x in output_log(alone)}
+    logged_patched = {x for x in MASTER_LINES if x in output_log(patched)}
+    assert logged_alone <= logged_patched
+    if console == "wrap" or "exit" not in ending:
+        assert logged_patched == set(MASTER_LINES)
+    # else: at the interpreter's exit wandb never closes output.log's writer in wrap_emu and
+    # redirect (alone it logs none of the master's lines there): the writer's held-back last line
+    # stays unwritten
     assert sorted(worker_lines(output_log(patched))) == expected_worker_lines()
 
 
@@ -375,7 +381,7 @@ def test_a_new_redirect_under_capfd_captures(capfd):
     got = []
     r = redirect.Redirect("stdout", cbs=[got.append], flush_periodically=False)
     r.install()
-    print("under capfd", flush=True)
+    os.write(1, b"under capfd\\n")  # capfd points sys.stdout at its file: fd 1 it is
     r.uninstall()
     assert b"under capfd" in b"".join(got)
 """
@@ -386,7 +392,8 @@ def test_a_new_redirect_under_capfd_captures(capfd):
 def test_a_redirect_left_installed_does_not_stop_a_later_one(pytester, patched,
                                                             monkeypatch) -> None:
     """An earlier test left a `Redirect` installed; the next one, under capfd (which swapped
-    fds 1 and 2 since), installs its own: it captures, on wandb alone and patched."""
+    fds 1 and 2 since), installs its own: it captures what reaches fd 1, on wandb alone and
+    patched."""
     monkeypatch.delenv("SAFE_REDIRECT_PATCH", raising=False)
     if patched:
         monkeypatch.setenv("SAFE_REDIRECT_PATCH", "wandb")
