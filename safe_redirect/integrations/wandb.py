@@ -12,12 +12,11 @@ deliver every lane first (see `_ending_method`).
 
 Callbacks run on the drain thread, and follow wandb's `console_capture` contract there: one that
 raises anything (a `KeyboardInterrupt` too) is a bug, and every callback of the capture is removed
-(see `_SharedCapture._dispatch`).
+(see `_SharedCapture._callback_raised`).
 """
 
 from __future__ import annotations
 
-import _thread
 import logging
 import os
 import re
@@ -113,17 +112,18 @@ class _SharedCapture:
 
     def _callback_raised(self, exc: BaseException) -> None:
         """wandb's `console_capture` contract: a callback that raises anything is buggy, and
-        every callback is removed; an `Exception` is logged, anything else reaches the writer.
-        Here the writer's `write()` returned long ago, on another thread or in another process:
-        the drain thread goes on, and a `KeyboardInterrupt` is raised in the master's main
-        thread (where Ctrl-C lands); any other exception is reported on stderr."""
+        every callback is removed; an `Exception` is logged. wandb re-raises the others out of
+        the `write()` so as not to swallow a Ctrl-C that arrived while a callback ran on the
+        printing thread. Here callbacks run on the drain thread, where no signal ever arrives (a
+        Ctrl-C reaches the main thread untouched), and the `write()` returned long ago: the
+        exception is reported on stderr, the drain goes on, and nothing is raised into the
+        main thread at some unrelated point (its finish, its exit)."""
         self.callbacks = {"stdout": [], "stderr": []}
         if isinstance(exc, Exception):
             _logger.exception("error in a wandb console callback: all of them removed")
-            return
-        _report(f"safe_redirect: a wandb console callback raised {exc!r}: all of them removed")
-        if isinstance(exc, KeyboardInterrupt):
-            _thread.interrupt_main()
+        else:
+            _report(f"safe_redirect: a wandb console callback raised {exc!r}: all of them "
+                    "removed")
 
 
 def _report(message: str) -> None:
