@@ -60,6 +60,7 @@ class _SharedCapture:
             else:
                 self.callbacks = {"stdout": [], "stderr": []}
             self.interleaver = Interleaver(one_log=True)  # output.log
+            self._drain_thread = 0  # the new session's: known at its first record
             self.session = install(on_output=self._dispatch, mode=self.mode)
             self._fds = self._fd_identities()
         elif threading.get_ident() != self._drain_thread:
@@ -71,8 +72,10 @@ class _SharedCapture:
         whose callbacks ran inside each write, leaves nothing undelivered)."""
         if callback in self.callbacks[stream] and threading.get_ident() != self._drain_thread:
             self.flush()  # not from a callback: the drain thread cannot wait for itself
-        if callback in self.callbacks[stream]:
+        try:
             self.callbacks[stream].remove(callback)
+        except ValueError:
+            pass  # not there (any more: a callback that raised took all of them off)
         if self.session is not None and not any(self.callbacks.values()):
             self.session.uninstall()
             self.session = None
@@ -204,16 +207,21 @@ class _SafeRedirect:
             return
         data = text.encode("utf-8") if self.as_bytes else text
         for callback in self.cbs:
-            try:
-                callback(data)
-            except Exception:  # as wandb's classes do; anything else goes to _dispatch
-                _logger.exception("error in a wandb %s callback", self.src)
+            callback(data)
+
+    def _on_text(self, text: str) -> None:
+        """What the shared capture calls. wandb's classes log an Exception of their callbacks
+        and go on; anything else goes on to `_SharedCapture._callback_raised`."""
+        try:
+            self._deliver(text)
+        except Exception:
+            _logger.exception("error in a wandb %s callback", self.src)
 
     def install(self) -> None:
         if self._installed:
             return
         try:
-            _captures[self.mode].add(self.src, self._deliver)
+            _captures[self.mode].add(self.src, self._on_text)
         except Exception:
             if self.mode == "fd":
                 raise  # wandb's Run._redirect warns "Failed to redirect"
@@ -230,7 +238,7 @@ class _SafeRedirect:
 
     def uninstall(self) -> None:
         if self._installed:
-            _captures[self.mode].remove(self.src, self._deliver)  # delivers what is pending
+            _captures[self.mode].remove(self.src, self._on_text)  # delivers what is pending
             self._installed = False
             if self._screen is not None:
                 self._deliver(self._screen.close())
