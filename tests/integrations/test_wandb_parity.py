@@ -161,12 +161,18 @@ def test_every_line_lands_whatever_ends_the_run(tmp_path, ending, console) -> No
     logged_alone = {x for x in MASTER_LINES if x in output_log(alone)}
     logged_patched = {x for x in MASTER_LINES if x in output_log(patched)}
     assert logged_alone <= logged_patched
+    logged_workers = worker_lines(output_log(patched))
+    assert len(logged_workers) == len(set(logged_workers))  # each once
     if console == "wrap" or "exit" not in ending:
         assert logged_patched == set(MASTER_LINES)
-    # else: at the interpreter's exit wandb never closes output.log's writer in wrap_emu and
-    # redirect (alone it logs none of the master's lines there): the writer's held-back last line
-    # stays unwritten
-    assert sorted(worker_lines(output_log(patched))) == expected_worker_lines()
+        assert sorted(logged_workers) == expected_worker_lines()
+    else:
+        # At the interpreter's exit wandb never closes output.log's writer in wrap_emu and
+        # redirect (alone, it logs none of the master's lines there): the writer holds back the
+        # last line it was given (a `\r` may follow), which stays unwritten.
+        assert len(set(expected_worker_lines()) - set(logged_workers)) <= 1
+        assert len(set(MASTER_LINES) - logged_patched) + len(
+            set(expected_worker_lines()) - set(logged_workers)) <= 1
 
 
 # -- callbacks: wandb's console_capture contract
