@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from ..conftest import run_python_file
+from ..conftest import run_python, run_python_file
 
 wandb = pytest.importorskip("wandb", reason="wandb is not installed (extra: .[test])")
 
@@ -148,14 +148,15 @@ def test_every_line_lands_however_the_with_block_ends(tmp_path, ending, method) 
 
 
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("console", ["wrap", "wrap_emu", "redirect"])
+@pytest.mark.parametrize(("console", "method"), [("wrap", "fork"), ("wrap", "spawn"),
+                                                 ("wrap_emu", "fork"), ("redirect", "fork")])
 @pytest.mark.parametrize("ending", ["with", "wandb.finish", "exit", "interrupt-exit"])
-def test_every_line_lands_whatever_ends_the_run(tmp_path, ending, console) -> None:
+def test_every_line_lands_whatever_ends_the_run(tmp_path, ending, console, method) -> None:
     """`wandb.finish()`, the interpreter's exit without a finish, and a KeyboardInterrupt that
-    ends the program, in every console mode (forked workers): the patched log holds what wandb
-    alone logs of the master, and every worker's line."""
-    alone = run_script(tmp_path, ENDINGS_SCRIPT, False, ending, "fork", console)
-    patched = run_script(tmp_path, ENDINGS_SCRIPT, True, ending, "fork", console)
+    ends the program, in every console mode: the patched log holds what wandb alone logs of the
+    master, and every worker's line."""
+    alone = run_script(tmp_path, ENDINGS_SCRIPT, False, ending, method, console)
+    patched = run_script(tmp_path, ENDINGS_SCRIPT, True, ending, method, console)
     assert alone.returncode == patched.returncode, (alone.stderr[-2000:], patched.stderr[-2000:])
     assert "timed out" not in patched.stderr
     logged_alone = {x for x in MASTER_LINES if x in output_log(alone)}
@@ -173,6 +174,25 @@ def test_every_line_lands_whatever_ends_the_run(tmp_path, ending, console) -> No
         assert len(set(expected_worker_lines()) - set(logged_workers)) <= 1
         assert len(set(MASTER_LINES) - logged_patched) + len(
             set(expected_worker_lines()) - set(logged_workers)) <= 1
+
+
+@pytest.mark.timeout(120)
+def test_the_ending_method_is_wrapped_and_unwrapped() -> None:
+    """wandb 0.31: `Run._finish` (every ending's path) delivers first; unpatch puts it back."""
+    code = """
+        import sys
+        import safe_redirect
+        from wandb.sdk import wandb_run
+        original = wandb_run.Run._finish
+        safe_redirect.patch_wandb()
+        wrapped = wandb_run.Run._finish
+        safe_redirect.unpatch_wandb()
+        print(wrapped is not original, wrapped.__wrapped__ is original,
+              wandb_run.Run._finish is original, file=sys.stderr)
+    """
+    result = run_python(code, timeout=100)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1] == "True True True"
 
 
 # -- callbacks: wandb's console_capture contract
