@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from safe_redirect.spawn import ensure_pth
+
 from ..conftest import run_python, run_python_file
 
 wandb = pytest.importorskip("wandb", reason="wandb is not installed (extra: .[test])")
@@ -26,6 +28,7 @@ def run_script(tmp_path: Path, code: str, patched: bool, *args: str, timeout: fl
     env = {k: v for k, v in os.environ.items() if k != "SAFE_REDIRECT_PATCH"}
     if patched:
         env["SAFE_REDIRECT_PATCH"] = "wandb"
+        assert ensure_pth() is not None  # the start-up hook that reads it
     where = tmp_path / ("patched" if patched else "alone")
     where.mkdir(exist_ok=True)
     return run_python_file(where / name, code, timeout, args=args, cwd=where, env=env)
@@ -413,6 +416,7 @@ def test_a_redirect_left_installed_does_not_stop_a_later_one(pytester, patched,
     monkeypatch.delenv("SAFE_REDIRECT_PATCH", raising=False)
     if patched:
         monkeypatch.setenv("SAFE_REDIRECT_PATCH", "wandb")
+        assert ensure_pth() is not None
     pytester.makepyfile(test_left=LEFT_INSTALLED_TESTS)
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-p", "no:randomly",
                                            "-q", timeout=240)
