@@ -229,7 +229,7 @@ class Session:
             return
         try:
             self._on_output(record)
-        except Exception:
+        except BaseException:  # a KeyboardInterrupt there must not end the drain
             self._callback_errors += 1
             if self._callback_errors == 1:
                 _warn("safe_redirect: on_output raised (reported once; counted in "
