@@ -56,10 +56,21 @@ class Parkable(Protocol):
 
 _registered: list[tuple[int, Parkable]] = []  # (pid that registered it, the owner)
 _parked: list[Parkable] = []
+_handlers_registered = False
 
 
 def register(owner: Parkable) -> None:
     """Park `owner`'s thread around every fork of this process (not of its children)."""
+    # Before-fork handlers run newest first, and logging's holds its module lock through the
+    # fork: a callback on our drain that logs would wait for it while we wait for the drain.
+    # Imported now, before our handler registers, logging's runs after our park.
+    import logging  # noqa: F401
+
+    global _handlers_registered
+    if not _handlers_registered and hasattr(os, "register_at_fork"):
+        os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent,
+                            after_in_child=_after_fork_in_child)
+        _handlers_registered = True
     if owner not in _owners():
         _registered.append((os.getpid(), owner))
 
@@ -149,8 +160,3 @@ def _resume_soon() -> bool:
     add.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
     add.restype = ctypes.c_int
     return bool(add(ctypes.cast(_pending_resume, ctypes.c_void_p), None) == 0)
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent,
-                        after_in_child=_after_fork_in_child)
