@@ -44,8 +44,7 @@ class Parkable(Protocol):
     """What owns a thread of ours: `park` ends it, state kept, `resume` starts a new one."""
 
     def park(self, deadline: float) -> bool:
-        """End the thread by `deadline` (time.monotonic); whether it ended (resume() must follow).
-        """
+        """End the thread by `deadline` (time.monotonic); True if it ended: resume() follows."""
 
     def resume(self) -> None:
         """Start the thread again after a park that returned True."""
@@ -95,6 +94,13 @@ def _os_threads() -> int:
 
 
 def _before_fork() -> None:
+    try:
+        _park_all()
+    except Exception as exc:  # never let a fork handler raise into the user's fork
+        os.write(2, f"safe_redirect: parking our threads before fork failed: {exc!r}\n".encode())
+
+
+def _park_all() -> None:
     owners = _owners()
     if not owners:
         return
