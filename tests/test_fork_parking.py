@@ -149,3 +149,28 @@ print(json.dumps({"at_fork": at_fork, "texts": texts,
     assert sorted(names) == ["MainThread", "safe_redirect-drain", "users"]
     texts = [t for t in report["texts"] if "multi-threaded" not in t]  # type: ignore[attr-defined]
     assert texts == ["child"]  # 3.12+ also warned: the program's own thread makes it true
+
+
+@pytest.mark.parametrize("mode", ["wrap", "fd"])
+def test_a_child_forks_its_own_children_without_the_fork_warning(mode: str) -> None:
+    """In fd mode a child runs a pump thread of its own: it parks for the child's forks too."""
+    body = """
+lines = []
+session = safe_redirect.install(lines.append, mode=MODE)
+pid = os.fork()
+if pid == 0:
+    grandchild = os.fork()
+    if grandchild == 0:
+        print("grandchild", flush=True)
+        os._exit(0)
+    os.waitpid(grandchild, 0)
+    print("child", flush=True)
+    os._exit(0)
+os.waitpid(pid, 0)
+session.uninstall()
+texts = [line for record in lines for line in record.text.splitlines()]
+print(json.dumps({"at_fork": at_fork, "texts": texts}), file=sys.__stderr__)
+"""
+    report, stderr = _run(body, mode)
+    assert "multi-threaded" not in stderr
+    assert sorted(report["texts"]) == ["child", "grandchild"]  # type: ignore[arg-type]
