@@ -1589,6 +1589,11 @@ PyMODINIT_FUNC PyInit__ring(void) {
         return NULL;
     PyObject *m = PyModule_Create(&ring_module);
     if (!m) return NULL;
+#ifdef Py_GIL_DISABLED
+    /* A free-threaded build (3.13t, 3.14t) turns the GIL on for this module: a lane's single
+     * producer is "one C call holding the GIL", so the threads of one process need it. */
+    if (PyUnstable_Module_SetGIL(m, Py_MOD_GIL_USED) < 0) goto fail;
+#endif
     if (PyModule_AddType(m, &Segment_Type) < 0 || PyModule_AddType(m, &Producer_Type) < 0 ||
         PyModule_AddType(m, &Hook_Type) < 0)
         goto fail;

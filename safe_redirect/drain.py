@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-from safe_redirect import _ring
+from safe_redirect import _ring, fork_parking
 from safe_redirect.fdcapture import open_peer_pipe, read_available
 from safe_redirect.ring import STREAMS, Ring
 from safe_redirect.stamp import Stamp
@@ -270,7 +270,12 @@ class Drain:
         self._requested = 0  # sync requests made
         self._completed = 0  # sync requests served
         self._stopping = False
+        self._parking = False  # a fork is about to happen: end the thread, state kept
+        self._left_for_fork = False
+        self._next_reap = 0.0
         self._thread: threading.Thread | None = None
+        #: called with the ident of every thread started after the first (see resume())
+        self.on_restart: Callable[[int], None] = lambda ident: None
         self._lane_misses_seen = 0
         # totals of lanes already freed, so that stats survive lane reuse
         self.retired = {"records": 0, "bytes": 0, "spilled_records": 0, "spilled_bytes": 0,
@@ -287,10 +292,36 @@ class Drain:
         self._thread = threading.Thread(target=self._run, name="safe_redirect-drain", daemon=True)
         self._thread.start()
         assert self._thread.ident is not None
+        fork_parking.register(self)
         return self._thread.ident
+
+    # -- around a fork (see fork_parking): the thread ends between passes and a new one goes on
+
+    def parked_thread(self) -> threading.Thread | None:
+        thread = self._thread
+        return thread if thread is not None and thread.is_alive() and not self._stopping else None
+
+    def park(self, deadline: float) -> bool:
+        thread = self.parked_thread()
+        if thread is None:
+            return False
+        with self._cond:
+            self._parking, self._left_for_fork = True, False
+        self._segment.wake()
+        thread.join(max(0.0, deadline - time.monotonic()))
+        with self._cond:
+            self._parking = False
+            left = self._left_for_fork  # decided under the lock: it ends, or it goes on
+        if left:
+            thread.join(1.0)  # it is past its last pass: only the thread's own exit is left
+        return left
+
+    def resume(self) -> None:
+        self.on_restart(self.start())
 
     def sync(self, timeout: float | None) -> bool:
         """Deliver everything published so far, partial lines included. False on timeout."""
+        fork_parking.resume_now()
         if self._thread is None or threading.get_ident() == self._thread.ident:
             self._pass(final=True)
             return True
@@ -311,6 +342,7 @@ class Drain:
         """A final sync, then the thread ends. Idempotent."""
         if self._thread is None:
             return True
+        fork_parking.unregister(self)
         delivered = self.sync(timeout)
         with self._cond:
             self._stopping = True
@@ -367,17 +399,20 @@ class Drain:
     # -- the thread
 
     def _run(self) -> None:
-        next_reap = 0.0
+        next_reap = self._next_reap  # a thread started after a fork goes on with the schedule
         while True:
             with self._cond:
                 requested, stopping = self._requested, self._stopping
+                if self._parking and not stopping:
+                    self._left_for_fork = True
+                    return
             final = requested > self._completed
             try:
                 now = time.monotonic()
                 if final or now >= next_reap or self._segment.lane_misses != self._lane_misses_seen:
                     self._lane_misses_seen = self._segment.lane_misses
                     self._reap()
-                    next_reap = now + self.reap_interval
+                    next_reap = self._next_reap = now + self.reap_interval
                 found, more, children = self._pass(final)
             except Exception as exc:  # a bug here must not kill capture for good
                 self.errors += 1

@@ -19,9 +19,10 @@ import os
 import stat
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterable
 
-from safe_redirect import _ring
+from safe_redirect import _ring, fork_parking
 from safe_redirect._ring import Producer
 from safe_redirect.ring import STREAMS
 
@@ -161,6 +162,9 @@ class FdCapture:
         self._stop = False
         self._drained = threading.Event()
         self._thread: threading.Thread | None = None
+        self._open_readers: set[int] | None = None  # the pump's, kept while it is parked
+        self._parking = False
+        self._left_for_fork = False
         # The saved fds are closed by whichever comes last: stop(), or the pump's end.
         self._closing = threading.Lock()
         self._pump_done = False
@@ -209,9 +213,36 @@ class FdCapture:
         self._thread = threading.Thread(target=self._pump, name="safe_redirect-fd-pump",
                                         daemon=True)
         self._thread.start()
+        fork_parking.register(self)
+
+    # -- around a fork (see fork_parking): the pump ends between reads; what is written
+    # meanwhile waits in the pipes for the next pump
+
+    def parked_thread(self) -> threading.Thread | None:
+        thread = self._thread
+        return thread if thread is not None and thread.is_alive() and not self._stop else None
+
+    def park(self, deadline: float) -> bool:
+        thread = self.parked_thread()
+        if thread is None:
+            return False
+        with self._synced:
+            self._parking, self._left_for_fork = True, False
+        os.write(self._wake_w, b"p")
+        thread.join(max(0.0, deadline - time.monotonic()))
+        with self._synced:
+            self._parking = False
+            left = self._left_for_fork  # decided under the lock: it ends, or it goes on
+        if left:
+            thread.join(1.0)  # past its last read: only the thread's own exit is left
+        return left
+
+    def resume(self) -> None:
+        self.run()
 
     def sync(self, timeout: float | None) -> bool:
         """Return once the pump has captured everything written to fds 1 and 2 before."""
+        fork_parking.resume_now()
         if self._stop or self._thread is None:
             return True
         _flush_python_streams()
@@ -228,6 +259,8 @@ class FdCapture:
         (a subprocess, say) has closed its end. Returns False if the pump did not answer."""
         if self._stop:
             return self._drained.is_set()
+        fork_parking.resume_now()
+        fork_parking.unregister(self)
         _flush_python_streams()
         for fd, saved in self.saved.items():
             if self._still_ours(fd):  # not if somebody (pytest's capfd, say) took fd 1 since
@@ -279,7 +312,9 @@ class FdCapture:
         """The pump thread. `_ring.pump` does the work without the GIL and comes back here for
         what needs Python: the rank before data that follows an idle spell, sync and stop
         requests, a pipe's end, a lane that stayed full."""
-        open_readers = set(self.readers)
+        if self._open_readers is None:
+            self._open_readers = set(self.readers)
+        open_readers = self._open_readers
         event = 0
         while open_readers:
             event, r = self._pump_once(open_readers, drain_only=False,
@@ -300,6 +335,10 @@ class FdCapture:
                 self._drain_pipes(open_readers)  # all that was written before stop(): captured
                 self._capturing = False
                 self._drained.set()
+            with self._synced:
+                if self._parking and not self._stop:
+                    self._left_for_fork = True
+                    return
         self._drained.set()
         with self._synced:
             self._pump_done = True

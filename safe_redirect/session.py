@@ -118,6 +118,7 @@ class Session:
                                             -1 if self._rank is None else self._rank)
             self._producer: Producer | None = self._ring.segment.producer(lane)
             self._drain = Drain(self._ring, self._deliver, tag, lane, self._tee_recovered)
+            self._drain.on_restart = self._hooks.skip_thread  # a new thread after a fork
             drain_ident = self._drain.start()
             if self._mode == "fd":
                 self._fd = FdCapture(self._hooks.streams, self._fd_lane, self._fd_lane_full,
