@@ -66,6 +66,11 @@ class _Patch:
     previous: Any  # the value in the instance dict before us, or _ABSENT
     plain: Callable[..., Any]  # the stream class's own method, bound to the owner
     passthrough: bool = False  # its session ended but it could not be taken off the stream
+    rearms: bool = False  # a flush that calls `rearm` first (inside IPython)
+
+    def aim(self, target: Callable[..., Any]) -> None:
+        """Make the hook call `target` (a flush that re-arms calls `rearm` before it)."""
+        self.hook.target = _rearming(target) if self.rearms else target
 
     @property
     def key(self) -> tuple[int, str]:
@@ -146,7 +151,8 @@ def _rearm_stack(stack: list[_Patch]) -> None:
     for patch in above:
         if patch.passthrough:
             continue
-        patch.hook.target, patch.previous = below, previous
+        patch.aim(below)
+        patch.previous = previous
         below = previous = patch.hook
     live[-1].apply()
 
@@ -207,7 +213,8 @@ class StreamHooks:
                 # what the kernel echoes from fd 1 / 2 came from a child (or C code): not ours
                 patch.hook.host_thread = echo_thread
                 if kind == _ring.KIND_FLUSH and hosts.in_ipython():
-                    patch.hook.target = _rearming(patch.hook.target)
+                    patch.rearms = True
+                    patch.aim(patch.hook.target)
         self.state = HookState.INSTALLED
 
     def _patch(self, owner: Any, attribute: str, kind: int, stream: int,

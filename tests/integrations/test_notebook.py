@@ -149,13 +149,19 @@ def assert_each_once(rows: list[tuple[str, str, str]], workers: list[str], maste
 
 WORKER_LINES = [f"worker {t} line {i}" for t in range(4) for i in range(20)]
 
+NEXT_CELL = """
+import sys
+print("master: next cell")
+print("master: next cell, stderr", file=sys.stderr)
+"""
+
 SPLITS = {
     # install in one cell, workers in the next, prints after: the common notebook
     "cell-by-cell": lambda method: [INSTALL.format(options=""), POOL.format(method=method),
-                                    'print("master: next cell")'],
+                                    NEXT_CELL],
     # install and workers in one cell (the seed's training cell)
     "one-cell": lambda method: [INSTALL.format(options="") + POOL.format(method=method),
-                                'print("master: next cell")'],
+                                NEXT_CELL],
 }
 
 
@@ -164,9 +170,11 @@ SPLITS = {
 @pytest.mark.parametrize("method", ["fork", "spawn"])
 def test_every_line_once_whatever_the_cells(kernel, tmp_path, method, split) -> None:
     result = run_notebook(kernel, tmp_path, [*SPLITS[split](method), DUMP])
-    assert_each_once(records(tmp_path), WORKER_LINES,
-                     ["master: installed", "master: results [0, 1, 2, 3]", "master: next cell"],
-                     result["versions"])
+    rows = records(tmp_path)
+    assert_each_once(rows, WORKER_LINES,
+                     ["master: installed", "master: results [0, 1, 2, 3]", "master: next cell",
+                      "master: next cell, stderr"], result["versions"])
+    assert ("", "stderr", "master: next cell, stderr") in rows
     assert "worker 3 line 19" in "".join(shown(result, i) for i in range(len(result["outputs"])))
 
 
@@ -395,3 +403,24 @@ def test_writes_of_a_hosts_fd_echo_thread_are_passed_on_not_captured(capture) ->
     assert session.flush()
     texts = [record.text for record in got]
     assert "the master's own\n" in texts and "echoed by the host\n" not in texts
+
+
+def test_inside_ipython_a_flush_rearms_the_hooks(monkeypatch) -> None:
+    """ipykernel flushes sys.stdout after each cell, after IPython put back its saved writer:
+    inside IPython, that flush puts our write hook back."""
+    from safe_redirect import hosts
+
+    monkeypatch.setattr(hosts, "in_ipython", lambda: True)
+    stream = Stream()
+    monkeypatch.setattr(sys, "stdout", stream)
+    saved = stream.write
+    stream.write = lambda text: saved(text)  # type: ignore[method-assign]  # the cell's tee
+    hooked = hooks.StreamHooks(("stdout",), lambda hook: None, lambda hook, s, rest: None)
+    hooked.install(None)
+    try:
+        stream.write = saved  # type: ignore[method-assign]  # the cell ends
+        stream.flush()
+        assert isinstance(vars(stream)["write"], _ring.Hook)
+        assert vars(stream)["write"].target == saved
+    finally:
+        hooked.uninstall()
