@@ -135,8 +135,9 @@ def shown(result: dict[str, Any], cell: int) -> str:
 
 
 def assert_each_once(rows: list[tuple[str, str, str]], workers: list[str], master: list[str],
-                     context: Any) -> None:
+                     result: dict[str, Any]) -> None:
     """Every worker line once, under a child's tag; every master line once, untagged."""
+    context = (result["versions"], result["outputs"], result["stderr"][-3000:])
     counts = Counter(text for _, _, text in rows)
     assert {line: counts[line] for line in workers + master} == dict.fromkeys(
         workers + master, 1), (rows, context)
@@ -173,7 +174,7 @@ def test_every_line_once_whatever_the_cells(kernel, tmp_path, method, split) -> 
     rows = records(tmp_path)
     assert_each_once(rows, WORKER_LINES,
                      ["master: installed", "master: results [0, 1, 2, 3]", "master: next cell",
-                      "master: next cell, stderr"], result["versions"])
+                      "master: next cell, stderr"], result)
     assert ("", "stderr", "master: next cell, stderr") in rows
     assert "worker 3 line 19" in "".join(shown(result, i) for i in range(len(result["outputs"])))
 
@@ -188,10 +189,9 @@ def test_a_cell_run_again_and_the_install_cell_run_again(kernel, tmp_path) -> No
     counter = "run = globals().get('run', -2) + 2\n"
     result = run_notebook(kernel, tmp_path, [install, install, counter + pool, counter + pool,
                                              'print("master: after the re-runs")', DUMP])
-    lines = [f"worker {t} line {i}" for t in range(4) for i in range(20)]
-    assert_each_once(records(tmp_path), lines,
+    assert_each_once(records(tmp_path), WORKER_LINES,
                      ["master: installed", "master: results [0, 1]", "master: results [2, 3]",
-                      "master: after the re-runs"], result["versions"])
+                      "master: after the re-runs"], result)
 
 
 @pytest.mark.timeout(400)
@@ -220,8 +220,7 @@ def test_an_interrupted_cell_loses_nothing_after_it(kernel, tmp_path) -> None:
     assert "<KeyboardInterrupt>" in shown(result, 1), result["outputs"]
     assert_each_once(records(tmp_path), [*WORKER_LINES, "slow 0 started", "slow 1 started"],
                      ["master: installed", "master: starting slow workers",
-                      "master: results [0, 1, 2, 3]", "master: after the interrupt"],
-                     result["versions"])
+                      "master: results [0, 1, 2, 3]", "master: after the interrupt"], result)
 
 
 WANDB_INIT = """
@@ -242,15 +241,18 @@ def output_log(tmp_path: Path) -> list[str]:
     return Path(files_dir, "output.log").read_text().splitlines()
 
 
-def assert_log_each_once(log: list[str], workers: list[str], master: list[str]) -> None:
-    """output.log: every worker line once with a tag before it, every master line once bare."""
+def assert_log_each_once(log: list[str], workers: list[str], master: list[str],
+                         result: dict[str, Any]) -> None:
+    """output.log: every worker line once with a tag before it, every master line once bare.
+    A failure shows the log, what the notebook showed and the kernel's stderr."""
+    context = (log, result["outputs"], result["stderr"][-3000:])
     bare = Counter(log)
     tagged = Counter(line.split("] ", 1)[1] for line in log
                      if line.startswith("[") and "] " in line)
     assert {line: (tagged[line], bare[line]) for line in workers} == dict.fromkeys(
-        workers, (1, 0)), log
+        workers, (1, 0)), context
     assert {line: (tagged[line], bare[line]) for line in master} == dict.fromkeys(
-        master, (0, 1)), log
+        master, (0, 1)), context
 
 
 @pytest.mark.timeout(400)
@@ -262,12 +264,12 @@ def test_patched_wandb_run_in_a_notebook(kernel, tmp_path, method, split) -> Non
     pool = POOL.format(method=method)
     cells = ([WANDB_INIT, pool] if split == "cell-by-cell" else [WANDB_INIT + pool])
     cells += ['print("master: next cell")', WANDB_FINISH]
-    run_notebook(kernel, tmp_path, cells,
-                 env={"SAFE_REDIRECT_PATCH": "wandb", "WANDB_MODE": "offline",
-                      "WANDB_SILENT": "true"})
+    result = run_notebook(kernel, tmp_path, cells,
+                          env={"SAFE_REDIRECT_PATCH": "wandb", "WANDB_MODE": "offline",
+                               "WANDB_SILENT": "true"})
     assert_log_each_once(output_log(tmp_path), WORKER_LINES,
                          ["master: run started", "master: results [0, 1, 2, 3]",
-                          "master: next cell"])
+                          "master: next cell"], result)
 
 
 @pytest.mark.timeout(600)
@@ -285,12 +287,12 @@ def test_the_seeds_notebook_xmp_spawn_with_wandb(kernel, tmp_path) -> None:
              print("master: training done")
              """,
              WANDB_FINISH]
-    run_notebook(kernel, tmp_path, cells, timeout=500,
-                 env={"WANDB_MODE": "offline", "WANDB_SILENT": "true", "PJRT_DEVICE": "CPU",
-                      "CPU_NUM_DEVICES": "4"})
+    result = run_notebook(kernel, tmp_path, cells, timeout=500,
+                          env={"WANDB_MODE": "offline", "WANDB_SILENT": "true",
+                               "PJRT_DEVICE": "CPU", "CPU_NUM_DEVICES": "4"})
     log = output_log(tmp_path)
     ranks = [f"xla: {r} line {i}" for r in range(4) for i in range(20)]
-    assert_log_each_once(log, ranks, ["master: run started", "master: training done"])
+    assert_log_each_once(log, ranks, ["master: run started", "master: training done"], result)
     for line in log:
         if line.endswith("line 0") and "xla: " in line:
             rank = line.split("xla: ")[1].split()[0]
