@@ -272,6 +272,29 @@ def test_patched_wandb_run_in_a_notebook(kernel, tmp_path, method, split) -> Non
                           "master: next cell"], result)
 
 
+@pytest.mark.timeout(400)
+def test_two_wandb_runs_one_after_the_other_in_one_notebook(kernel, tmp_path) -> None:
+    """run.finish() in a cell, a print, then a second run: each output.log has its own run's
+    lines once, and nothing printed between the runs."""
+    pytest.importorskip("wandb", reason="wandb is not installed (extra: .[test])")
+    logs = []
+    cells = []
+    for n, method in enumerate(["fork", "spawn"]):
+        cells += [WANDB_INIT, POOL.format(method=method), 'print("master: next cell")',
+                  WANDB_FINISH + f"import shutil; shutil.move('files_dir.txt', 'run{n}.txt')\n",
+                  'print("master: between runs")']
+    result = run_notebook(kernel, tmp_path, cells,
+                          env={"SAFE_REDIRECT_PATCH": "wandb", "WANDB_MODE": "offline",
+                               "WANDB_SILENT": "true"})
+    for n in range(2):
+        files_dir = (tmp_path / f"run{n}.txt").read_text()
+        logs.append(Path(files_dir, "output.log").read_text().splitlines())
+        assert_log_each_once(logs[n], WORKER_LINES,
+                             ["master: run started", "master: results [0, 1, 2, 3]",
+                              "master: next cell"], result)
+        assert "master: between runs" not in logs[n]
+
+
 @pytest.mark.timeout(600)
 def test_the_seeds_notebook_xmp_spawn_with_wandb(kernel, tmp_path) -> None:
     """The original report: wandb.init in one cell, xmp.spawn on the CPU in the next, a print
