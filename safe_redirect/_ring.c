@@ -1079,6 +1079,7 @@ typedef struct {
     PyObject *on_fork;  /* on_fork(hook): give the hook a producer of this process, or None */
     PyObject *on_full;  /* on_full(hook, stream, remaining: bytes): wait, retry, or spill */
     unsigned long skip_thread; /* writes from this thread (the drain thread) are not captured */
+    unsigned long host_thread; /* nor from this one: a host re-writing what reached fd 1 or 2 */
     int stream;
     int kind;
 } HookObject;
@@ -1104,7 +1105,10 @@ static void hook_check_fork(HookObject *self) {
 
 static int hook_capture(HookObject *self, const char *buf, uint64_t len, unsigned flags) {
     if (self->producer == Py_None) return 0;
-    if (self->skip_thread && PyThread_get_thread_ident() == self->skip_thread) return 0;
+    if (self->skip_thread || self->host_thread) {
+        unsigned long me = PyThread_get_thread_ident();
+        if (me == self->skip_thread || me == self->host_thread) return 0;
+    }
     ProducerObject *p = (ProducerObject *)self->producer;
     if (p->generation != atomic_load_explicit(&fork_generation, memory_order_relaxed))
         return 0; /* never write into a lane of another process */
@@ -1196,6 +1200,7 @@ static int Hook_init(HookObject *self, PyObject *args, PyObject *kwds) {
     self->stream = stream;
     self->kind = kind;
     self->skip_thread = 0;
+    self->host_thread = 0;
     self->vectorcall = hook_vectorcall;
     return 0;
 }
@@ -1249,6 +1254,15 @@ static int Hook_set_skip_thread(HookObject *self, PyObject *v, void *c) {
     self->skip_thread = t;
     return 0;
 }
+static PyObject *Hook_get_host_thread(HookObject *self, void *c) {
+    return PyLong_FromUnsignedLong(self->host_thread);
+}
+static int Hook_set_host_thread(HookObject *self, PyObject *v, void *c) {
+    unsigned long t = v ? PyLong_AsUnsignedLong(v) : 0;
+    if (t == (unsigned long)-1 && PyErr_Occurred()) return -1;
+    self->host_thread = t;
+    return 0;
+}
 static PyObject *Hook_get_stream(HookObject *self, void *c) { return PyLong_FromLong(self->stream); }
 static PyObject *Hook_get_kind(HookObject *self, void *c) { return PyLong_FromLong(self->kind); }
 
@@ -1257,6 +1271,8 @@ static PyGetSetDef Hook_getset[] = {
     {"producer", (getter)Hook_get_producer, (setter)Hook_set_producer, "Producer or None", NULL},
     {"skip_thread", (getter)Hook_get_skip_thread, (setter)Hook_set_skip_thread,
      "ident of a thread whose writes are not captured (0: none)", NULL},
+    {"host_thread", (getter)Hook_get_host_thread, (setter)Hook_set_host_thread,
+     "ident of a host's thread that re-writes what reached the fd: not captured (0: none)", NULL},
     {"stream", (getter)Hook_get_stream, NULL, NULL, NULL},
     {"kind", (getter)Hook_get_kind, NULL, NULL, NULL},
     {NULL},

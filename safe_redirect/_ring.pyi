@@ -86,6 +86,7 @@ class Hook:
     target: Callable[..., object]
     producer: Producer | None
     skip_thread: int
+    host_thread: int
     stream: int
     kind: int
     def __init__(

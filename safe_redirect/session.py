@@ -23,7 +23,8 @@ from typing import NoReturn
 from safe_redirect import _ring
 from safe_redirect.drain import Drain, Record
 from safe_redirect.fdcapture import FdCapture, reopen_terminal
-from safe_redirect.hooks import StreamHooks, reaim_in_child
+from safe_redirect.hooks import HookState, StreamHooks, reaim_in_child
+from safe_redirect.hosts import uncaptured_in_kernel
 from safe_redirect.launchers import detect_rank, set_thread_rank, watch_torch_xla
 from safe_redirect.ring import Producer, Ring, sweep_orphaned_segments
 from safe_redirect.spawn import (
@@ -148,6 +149,10 @@ class Session:
                   "processes will not be captured")
         self._previous_env = export(self._attach_info)
         self._register()
+        note = uncaptured_in_kernel(mode, self._hooks.streams,
+                                    self._hooks.state is HookState.INSTALLED)
+        if note:
+            _warn(note)
 
     @classmethod
     def attach(cls, info: AttachInfo) -> Session:
