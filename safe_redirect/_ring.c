@@ -73,6 +73,10 @@
 #define SEG_HEADER 128u
 #define LANE_HEADER 192u
 #define REC_HEADER 24u
+/* what a segment may hold: install() checks its arguments against these */
+#define MAX_LANES 65536u
+#define MIN_LANE_BYTES 4096ull
+#define MAX_LANE_BYTES (1ull << 32)
 
 #define LANE_FREE 0u
 #define LANE_ACTIVE 1u
@@ -347,11 +351,12 @@ static PyObject *ring_format(PyObject *mod, PyObject *args) {
     unsigned long long lane_bytes, master_pid, master_start;
     if (!PyArg_ParseTuple(args, "OkKKK", &buf, &nlanes, &lane_bytes, &master_pid, &master_start))
         return NULL;
-    if (nlanes == 0 || nlanes > 65536) {
+    if (nlanes == 0 || nlanes > MAX_LANES) {
         PyErr_SetString(PyExc_ValueError, "nlanes must be 1..65536");
         return NULL;
     }
-    if (lane_bytes < 4096 || (lane_bytes & (lane_bytes - 1)) || lane_bytes > (1ull << 32)) {
+    if (lane_bytes < MIN_LANE_BYTES || (lane_bytes & (lane_bytes - 1)) ||
+        lane_bytes > MAX_LANE_BYTES) {
         PyErr_SetString(PyExc_ValueError, "lane_bytes must be a power of two in 4 KiB..4 GiB");
         return NULL;
     }
@@ -1600,6 +1605,9 @@ PyMODINIT_FUNC PyInit__ring(void) {
     if (PyModule_AddIntConstant(m, "SEG_HEADER", SEG_HEADER) < 0 ||
         PyModule_AddIntConstant(m, "LANE_HEADER", LANE_HEADER) < 0 ||
         PyModule_AddIntConstant(m, "REC_HEADER", REC_HEADER) < 0 ||
+        PyModule_AddIntConstant(m, "MAX_LANES", MAX_LANES) < 0 ||
+        PyModule_AddIntConstant(m, "MIN_LANE_BYTES", (long)MIN_LANE_BYTES) < 0 ||
+        PyModule_AddIntConstant(m, "MAX_LANE_BYTES", (long)MAX_LANE_BYTES) < 0 ||
         PyModule_AddIntConstant(m, "LANE_FREE", LANE_FREE) < 0 ||
         PyModule_AddIntConstant(m, "LANE_ACTIVE", LANE_ACTIVE) < 0 ||
         PyModule_AddIntConstant(m, "LANE_CLOSED", LANE_CLOSED) < 0 ||

@@ -54,10 +54,9 @@ def out_of_order(lines: list[str], epochs: int, rounds: int) -> list[str]:
     """Worker lines not delivered between the master's line before and after their round."""
     where = {line: i for i, line in enumerate(lines)}
     bad = []
-    for before, after, worker, n in (("epoch {} start", "epoch {} mean loss", "shard {}: epoch {} done",
-                                      epochs),
-                                     ("round {} start", "round {} joined", "process {}: round {} done",
-                                      rounds)):
+    for before, after, worker, n in (
+            ("epoch {} start", "epoch {} mean loss", "shard {}: epoch {} done", epochs),
+            ("round {} start", "round {} joined", "process {}: round {} done", rounds)):
         for e in range(n):
             for k in range(4):
                 line = worker.format(k, e)
