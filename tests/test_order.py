@@ -86,3 +86,42 @@ def test_a_master_printing_after_its_workers_comes_after_them(tmp_path, method, 
         lines = json.loads(out.read_text())
         assert len(lines) == 2 * epochs + 4 * epochs + 2 * rounds + 4 * rounds
         assert out_of_order(lines, epochs, rounds) == []
+
+
+WANDB_RUN = """
+import multiprocessing as mp, sys
+import safe_redirect
+
+def shard(args):
+    epoch, k = args
+    print(f"shard {k}: epoch {epoch} done")
+    return k
+
+if __name__ == "__main__":
+    safe_redirect.patch_wandb()
+    import wandb
+    run = wandb.init(mode="offline", project="safe-redirect-order",
+                     settings=wandb.Settings(console="wrap"))
+    with mp.get_context("fork").Pool(4) as pool:
+        for epoch in range(20):
+            print(f"epoch {epoch} start")
+            pool.map(shard, [(epoch, k) for k in range(4)])
+            print(f"epoch {epoch} mean loss")
+    run.finish()
+    print(run.settings.files_dir, file=sys.stderr)
+"""
+
+
+@pytest.mark.timeout(300)
+def test_wandb_output_log_has_the_masters_line_after_its_workers(tmp_path) -> None:
+    """The issue's own symptom: output.log put `epoch N mean loss` before a worker's line."""
+    pytest.importorskip("wandb", reason="wandb is not installed (extra: .[test])")
+    done = run_python_file(tmp_path / "train.py", WANDB_RUN, timeout=240, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    files_dir = done.stderr.strip().splitlines()[-1]
+    with open(f"{files_dir}/output.log", encoding="utf-8") as log:
+        # worker lines are tagged ("[ForkPoolWorker-3] shard ..."): compare what follows the tag
+        lines = [line.split("] ", 1)[-1] for line in log.read().splitlines()]
+    wanted = [line for line in lines if line.startswith(("epoch ", "shard "))]
+    assert len(wanted) == 20 * 6
+    assert out_of_order(wanted, 20, 0) == []
