@@ -166,7 +166,8 @@ class LaneReader:
 
     def feed(self, records: list[tuple[int, int, int, bytes, int, int]]) -> list[Record]:
         """Whole lines found in `records`; consecutive lines of one stream and origin share a
-        Record. Lines are rebuilt per writing thread: two threads never splice into one line."""
+        Record unless their writer paused longer than JOIN_GAP_NS between them. Lines are rebuilt
+        per writing thread: two threads never splice into one line."""
         out: list[Record] = []
         cut_before = False  # a line was cut short (FLAG_GAP): the next text must not join it
         last_time = 0  # when the lines last emitted began
