@@ -251,6 +251,9 @@ class Drain:
     #: others for long (benchmarks/bench_latency.py under load, p99 of a quiet child's line:
     #: fd mode 12.7 ms -> 1.7 ms, wrap 6.7 -> 0.8 ms)
     max_read = 1 << 16
+    #: while a pass's records are being delivered (slow callbacks), the lanes are read again for
+    #: the next pass this often, seconds: below any sensible stall_timeout
+    read_ahead_interval = 0.05
     #: how often lanes of exited children are looked for, seconds
     reap_interval = 0.2
     #: how long the thread sleeps with the doorbell armed before it looks anyway, seconds
@@ -431,10 +434,27 @@ class Drain:
             if cut:
                 ready.append(records[:cut] if cut < len(records) else records)
         merged = ready[0] if len(ready) == 1 else heapq.merge(*ready, key=_time_ns)
+        # the last pass of a stopping thread must leave nothing read and undelivered
+        read_ahead = not self._stopping and self.alive and (
+            threading.get_ident() == getattr(self._thread, "ident", None))
+        next_read = time.monotonic() + self.read_ahead_interval
         for record in merged:
             self.records_delivered += 1
             self._deliver(record)
+            if read_ahead and time.monotonic() >= next_read:
+                self._read_ahead()
+                next_read = time.monotonic() + self.read_ahead_interval
         return bool(self._batch)
+
+    def _read_ahead(self) -> None:
+        """While slow callbacks deliver a pass, keep reading for the next one: writers waiting
+        for room get it, and see the master reading (a stall is the master reading nothing)."""
+        for lane in self._segment.busy_lanes():
+            reader = self._reader(lane)
+            if reader is not None:
+                records = self._segment.read(lane, self.max_read, JOIN_GAP_NS)
+                if records:
+                    self._hand_over(reader.feed(records), reader)
 
     def _reap(self) -> None:
         """Drain and free the lanes whose writers closed them or died."""
