@@ -10,8 +10,11 @@ decoder, and invalid bytes become U+FFFD instead of an exception.
 from __future__ import annotations
 
 import codecs
+import fcntl
 import heapq
 import os
+import struct
+import termios
 import threading
 import time
 from collections.abc import Callable
@@ -334,6 +337,48 @@ class Drain:
                 reader.close_pipes()
         return delivered and stopped
 
+    def sync_child_pipes(self, timeout: float | None) -> bool:
+        """fd mode: what a live child wrote may still sit in its pipe, not yet read by its pump.
+        Wait (bounded) until the pump of each child has read what its pipes held at the call (its
+        lane's byte count grew by as much, or the pipes were seen empty: a child printing flat
+        out does not hold us up), then sync. False on timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        pending: dict[int, tuple[list[int], int, int]] = {}  # lane -> (pipes, owner, count due)
+        try:
+            for lane in self._segment.busy_lanes():
+                info = self._ring.lane_info(lane)
+                if lane == self._master_lane or max(info.pipe_fds) < 0:
+                    continue
+                pipes = [open_peer_pipe(info.owner_pid, fd) for fd in info.pipe_fds]
+                ours = [fd for fd in pipes if fd is not None]
+                held = sum(map(_unread_bytes, ours))
+                pending[lane] = (ours, info.owner_pid,
+                                 info.bytes + info.spilled_bytes + held if held else -1)
+            while True:
+                for lane, (ours, owner, due) in list(pending.items()):
+                    if self._pump_caught_up(lane, owner, due) or not any(map(_unread_bytes, ours)):
+                        del pending[lane]
+                        for fd in ours:
+                            os.close(fd)
+                if not pending:
+                    break
+                if deadline is not None and time.monotonic() >= deadline:
+                    return False
+                time.sleep(0.0005)
+        finally:
+            for ours, _, _ in pending.values():
+                for fd in ours:
+                    os.close(fd)
+        return self.sync(None if deadline is None else max(0.0, deadline - time.monotonic()))
+
+    def _pump_caught_up(self, lane: int, owner: int, due: int) -> bool:
+        """The lane's producer has taken in `due` bytes (stored or spilled), or is gone: the
+        reaping of a dead child's lane empties its pipes, a closed lane's pump has drained."""
+        info = self._ring.lane_info(lane)
+        if info.owner_pid != owner or info.state != _ring.LANE_ACTIVE:
+            return True
+        return info.bytes + info.spilled_bytes >= due
+
     # -- the thread
 
     def _run(self) -> None:
@@ -488,6 +533,15 @@ class Drain:
 
 
 _time_ns = attrgetter("time_ns")
+
+
+def _unread_bytes(fd: int) -> int:
+    """How many bytes a pipe holds (0 once closed or not a pipe)."""
+    try:
+        unread: int = struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]
+    except OSError:
+        return 0
+    return unread
 
 
 def _report(message: str) -> None:

@@ -31,8 +31,6 @@ from safe_redirect.spawn import (
     AttachInfo,
     ensure_pth,
     export,
-    forkserver_pid,
-    stop_forkserver_started_since,
     unexport,
 )
 from safe_redirect.stamp import (
@@ -141,7 +139,6 @@ class Session:
         if ensure_pth() is None:
             _warn("safe_redirect: no writable site-packages for safe_redirect.pth: spawned "
                   "processes will not be captured")
-        self._forkserver_before = forkserver_pid()
         self._previous_env = export(self._attach_info)
         self._register()
 
@@ -226,7 +223,7 @@ class Session:
             return
         try:
             self._on_output(record)
-        except Exception:
+        except BaseException:  # a KeyboardInterrupt there must not end the drain
             self._callback_errors += 1
             if self._callback_errors == 1:
                 _warn("safe_redirect: on_output raised (reported once; counted in "
@@ -241,7 +238,9 @@ class Session:
             return True
         if self._fd is not None:
             self._fd.sync(timeout)
-        delivered = self._drain.sync(timeout)
+            delivered = self._drain.sync_child_pipes(timeout)  # live children's pumps too
+        else:
+            delivered = self._drain.sync(timeout)
         if not delivered:
             _warn(f"safe_redirect: flush timed out after {timeout} s")
         return delivered
@@ -262,6 +261,8 @@ class Session:
         unexport(self._attach_info, self._previous_env)
         if self._fd is not None and not self._fd.stop(timeout):
             _warn(f"safe_redirect: the fd pump did not drain within {timeout} s")
+        if self._fd is not None and self._drain is not None:
+            self._drain.sync_child_pipes(timeout)  # what live children's pumps have not read yet
         # Children still writing detach at their next write, *then* the final drain: whatever
         # a child published before that is delivered; nothing is left unread in a lane.
         self._ring.segment.mark_closed()
@@ -269,7 +270,6 @@ class Session:
         delivered = self._drain.stop(timeout)
         self._final_stats = self.stats()
         self._finish()
-        stop_forkserver_started_since(self._forkserver_before)
         if not delivered:
             _warn(f"safe_redirect: final delivery timed out after {timeout} s")
 

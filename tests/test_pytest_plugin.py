@@ -314,8 +314,8 @@ SPAWNED = {"test_spawned": '''
         print(f"{name} err {n}", file=sys.stderr)
 
 
-    # forkserver twice: the second test needs a forkserver of its own (the first one's server
-    # was attached to the first test's capture)
+    # forkserver twice: the second test's children come from the forkserver started under the
+    # first test's capture
     @pytest.mark.parametrize("round", [1, 2])
     @pytest.mark.parametrize("method", ["spawn", "forkserver"])
     def test_multiprocessing_children(capmp, method, round):
