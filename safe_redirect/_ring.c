@@ -73,6 +73,10 @@
 #define SEG_HEADER 128u
 #define LANE_HEADER 192u
 #define REC_HEADER 24u
+/* what a segment may hold: install() checks its arguments against these */
+#define MAX_LANES 65536u
+#define MIN_LANE_BYTES 4096ull
+#define MAX_LANE_BYTES (1ull << 32)
 
 #define LANE_FREE 0u
 #define LANE_ACTIVE 1u
@@ -347,11 +351,12 @@ static PyObject *ring_format(PyObject *mod, PyObject *args) {
     unsigned long long lane_bytes, master_pid, master_start;
     if (!PyArg_ParseTuple(args, "OkKKK", &buf, &nlanes, &lane_bytes, &master_pid, &master_start))
         return NULL;
-    if (nlanes == 0 || nlanes > 65536) {
+    if (nlanes == 0 || nlanes > MAX_LANES) {
         PyErr_SetString(PyExc_ValueError, "nlanes must be 1..65536");
         return NULL;
     }
-    if (lane_bytes < 4096 || (lane_bytes & (lane_bytes - 1)) || lane_bytes > (1ull << 32)) {
+    if (lane_bytes < MIN_LANE_BYTES || (lane_bytes & (lane_bytes - 1)) ||
+        lane_bytes > MAX_LANE_BYTES) {
         PyErr_SetString(PyExc_ValueError, "lane_bytes must be a power of two in 4 KiB..4 GiB");
         return NULL;
     }
@@ -572,11 +577,14 @@ static void wake_space_waiter(lane_header *lane) {
  * [(stream, flags, time_ns, payload, thread, rank)]. Consecutive data records of one stream,
  * thread and rank come back joined,
  * with the time of the first: the reader rebuilds lines from bytes, not from records, and one
- * Python object per batch instead of per write is what keeps the drain ahead of its writers. */
+ * Python object per batch instead of per write is what keeps the drain ahead of its writers.
+ * With `join_gap_ns` > 0 a write stamped more than that after the one before it starts a run of
+ * its own: a writer's pause (waiting for other processes) keeps the time of what follows. */
 static PyObject *Segment_read(SegmentObject *self, PyObject *args) {
     long i;
     Py_ssize_t max_bytes;
-    if (!PyArg_ParseTuple(args, "ln", &i, &max_bytes)) return NULL;
+    unsigned long long join_gap_ns = 0;
+    if (!PyArg_ParseTuple(args, "ln|K", &i, &max_bytes, &join_gap_ns)) return NULL;
     lane_header *lane = segment_lane(self, i);
     if (!lane) return NULL;
     uint64_t cap = self->hdr->lane_bytes;
@@ -591,7 +599,7 @@ static PyObject *Segment_read(SegmentObject *self, PyObject *args) {
     Py_ssize_t filled = 0;
     unsigned run_stream = 0, run_thread = 0, run_flags = 0;
     int32_t run_rank = -1;
-    uint64_t run_time = 0;
+    uint64_t run_time = 0, last_time = 0;
     while (head < stop) {
         uint32_t len;
         unsigned stream, flags, thread;
@@ -601,7 +609,8 @@ static PyObject *Segment_read(SegmentObject *self, PyObject *args) {
                                 &t_ns, &size))
             goto corrupt;
         if (payload && (stream != run_stream || thread != run_thread || rank != run_rank ||
-                        (flags & (FLAG_FLUSH | FLAG_GAP)))) {
+                        (flags & (FLAG_FLUSH | FLAG_GAP)) ||
+                        (join_gap_ns && t_ns > last_time + join_gap_ns))) {
             if (close_run(out, &payload, filled, run_stream, run_flags, run_time, run_thread,
                           run_rank) < 0)
                 goto fail;
@@ -629,6 +638,7 @@ static PyObject *Segment_read(SegmentObject *self, PyObject *args) {
             }
             ring_copy_out(data, cap, head + REC_HEADER, PyBytes_AS_STRING(payload) + filled, len);
             filled += len;
+            last_time = t_ns;
         }
         head += size;
     }
@@ -788,7 +798,7 @@ static PyMethodDef Segment_methods[] = {
      "(owner_pid, state, owner_start, rank, head, tail, records, bytes, spilled_records, "
      "spilled_bytes, stalls, name, (stdout_pipe_fd, stderr_pipe_fd))"},
     {"read", (PyCFunction)Segment_read, METH_VARARGS,
-     "read(lane, max_bytes) -> [(stream, flags, time_ns, payload, thread, rank)]"},
+     "read(lane, max_bytes, join_gap_ns=0) -> [(stream, flags, time_ns, payload, thread, rank)]"},
     {"free", (PyCFunction)Segment_free, METH_O, "free(lane): consumer returns a dead lane"},
     {"wait", (PyCFunction)Segment_wait, METH_O, "wait(timeout) -> bool: sleep until data"},
     {"wake", (PyCFunction)Segment_wake, METH_NOARGS, "wake the consumer"},
@@ -1616,6 +1626,9 @@ PyMODINIT_FUNC PyInit__ring(void) {
     if (PyModule_AddIntConstant(m, "SEG_HEADER", SEG_HEADER) < 0 ||
         PyModule_AddIntConstant(m, "LANE_HEADER", LANE_HEADER) < 0 ||
         PyModule_AddIntConstant(m, "REC_HEADER", REC_HEADER) < 0 ||
+        PyModule_AddIntConstant(m, "MAX_LANES", MAX_LANES) < 0 ||
+        PyModule_AddIntConstant(m, "MIN_LANE_BYTES", (long)MIN_LANE_BYTES) < 0 ||
+        PyModule_AddIntConstant(m, "MAX_LANE_BYTES", (long)MAX_LANE_BYTES) < 0 ||
         PyModule_AddIntConstant(m, "LANE_FREE", LANE_FREE) < 0 ||
         PyModule_AddIntConstant(m, "LANE_ACTIVE", LANE_ACTIVE) < 0 ||
         PyModule_AddIntConstant(m, "LANE_CLOSED", LANE_CLOSED) < 0 ||

@@ -4,6 +4,9 @@ SEG_MAGIC: int
 SEG_HEADER: int
 LANE_HEADER: int
 REC_HEADER: int
+MAX_LANES: int
+MIN_LANE_BYTES: int
+MAX_LANE_BYTES: int
 LANE_FREE: int
 LANE_ACTIVE: int
 LANE_CLOSED: int
@@ -58,7 +61,7 @@ class Segment:
         self, lane: int, /
     ) -> tuple[int, int, int, int, int, int, int, int, int, int, int, bytes, tuple[int, int]]: ...
     def read(
-        self, lane: int, max_bytes: int, /
+        self, lane: int, max_bytes: int, join_gap_ns: int = 0, /
     ) -> list[tuple[int, int, int, bytes, int, int]]: ...
     def free(self, lane: int, /) -> None: ...
     def wait(self, timeout: float, /) -> bool: ...

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import codecs
 import fcntl
+import heapq
 import os
 import struct
 import termios
@@ -18,6 +19,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from operator import attrgetter
 
 from safe_redirect import _ring, fork_parking
 from safe_redirect.fdcapture import open_peer_pipe, read_available
@@ -28,6 +30,11 @@ __all__ = ["Drain", "Interleaver", "LaneReader", "Record"]
 
 # A partial line longer than this is delivered as it is rather than held without bound.
 MAX_PARTIAL_CHARS = 1 << 20
+#: Writes of one thread follow each other this closely (ns) to share a Record, whose time is its
+#: first line's: a writer that paused longer (say, for its workers) starts a Record of its own, so
+#: that the drain can order its later lines after what other processes wrote meanwhile. A writer
+#: printing flat out stays in few Records (a pause is longer than a print: ~1-3 µs).
+JOIN_GAP_NS = 20_000
 
 
 @dataclass(frozen=True)
@@ -162,21 +169,25 @@ class LaneReader:
 
     def feed(self, records: list[tuple[int, int, int, bytes, int, int]]) -> list[Record]:
         """Whole lines found in `records`; consecutive lines of one stream and origin share a
-        Record. Lines are rebuilt per writing thread: two threads never splice into one line."""
+        Record unless their writer paused longer than JOIN_GAP_NS between them. Lines are rebuilt
+        per writing thread: two threads never splice into one line."""
         out: list[Record] = []
         cut_before = False  # a line was cut short (FLAG_GAP): the next text must not join it
+        last_time = 0  # when the lines last emitted began
 
         def emit(state: _StreamState, stream: int, text: str, time_ns: int,
                  thread_rank: int) -> None:
-            nonlocal cut_before
+            nonlocal cut_before, last_time
             record = self._record(stream, text, time_ns, thread_rank, state.delivered(text))
             last = out[-1] if out else None
             if last and not cut_before and (last.stream, last.tag, last.rank) == (
-                    record.stream, record.tag, record.rank):
+                    record.stream, record.tag, record.rank) and (
+                    0 <= time_ns - last_time <= JOIN_GAP_NS):
                 out[-1] = replace(last, text=last.text + text)
             else:
                 out.append(record)
             cut_before = False
+            last_time = time_ns
 
         for stream, flags, time_ns, payload, thread, thread_rank in records:
             if thread_rank >= 0:
@@ -243,6 +254,9 @@ class Drain:
     #: others for long (benchmarks/bench_latency.py under load, p99 of a quiet child's line:
     #: fd mode 12.7 ms -> 1.7 ms, wrap 6.7 -> 0.8 ms)
     max_read = 1 << 16
+    #: while a pass's records are being delivered (slow callbacks), the lanes are read again for
+    #: the next pass this often, seconds: below any sensible stall_timeout
+    read_ahead_interval = 0.05
     #: how often lanes of exited children are looked for, seconds
     reap_interval = 0.2
     #: how long the thread sleeps with the doorbell armed before it looks anyway, seconds
@@ -266,6 +280,7 @@ class Drain:
         self._tag_template = tag_template
         self._master_lane = master_lane
         self._readers: dict[int, LaneReader] = {}
+        self._batch: dict[object, list[Record]] = {}  # records of this pass, by lane reader
         self._cond = threading.Condition()
         self._requested = 0  # sync requests made
         self._completed = 0  # sync requests served
@@ -451,30 +466,75 @@ class Drain:
         return reader
 
     def _pass(self, final: bool) -> tuple[bool, bool, bool]:
-        """Read every lane once: (anything read, a lane gave all a pass takes and may hold more,
-        a lane other than the master's had data)."""
+        """Read every lane once: (anything read or still held, a lane gave all a pass takes and
+        may hold more, a lane other than the master's had data)."""
         found = more = children = False
+        # what was stamped before the sweep began goes out now, merged in time order; a record
+        # stamped later waits for the next pass, whose sweep reads every lane after it: a line
+        # published before another was stamped is delivered before it, whichever lane was read
+        # first (see _deliver_in_order)
+        horizon = time.time_ns()
         # one lane with data: take all it holds; several: a bite of each, round and round
         bite = 1 << 62 if final or self._segment.lanes_with_data() < 2 else self.max_read
         for lane in self._segment.busy_lanes():
             reader = self._reader(lane)
             if reader is None:
                 continue
-            records = self._segment.read(lane, bite)
+            records = self._segment.read(lane, bite, JOIN_GAP_NS)
             if records:
                 found = True
                 children = children or lane != self._master_lane
                 if not final and sum(len(r[3]) for r in records) >= bite:
                     more = True  # this lane may hold more: no pause before the next pass
-                self._hand_over(reader.feed(records))
+                self._hand_over(reader.feed(records), reader)
             if final:
-                self._hand_over(reader.flush())
-        return found, more, children
+                self._hand_over(reader.flush(), reader)
+        # final (sync, the last pass): everything read goes; so does all once the thread stops
+        held = self._deliver_in_order(None if final or self._stopping else horizon)
+        return found or held, more, children
 
-    def _hand_over(self, records: list[Record]) -> None:
-        for record in records:
+    def _hand_over(self, records: list[Record], source: object) -> None:
+        """Queue `records` of one lane (`source`: its reader) for this pass, in their order."""
+        if records:
+            self._batch.setdefault(source, []).extend(records)
+
+    def _deliver_in_order(self, horizon: int | None) -> bool:
+        """Deliver the queued records stamped before `horizon` (all if None) in time_ns order,
+        by a stable merge that keeps each lane's own order (per process, stream and thread). The
+        rest of a lane, from its first later record on, waits for the next pass. True if any
+        record waits."""
+        batch, self._batch = self._batch, {}
+        ready: list[list[Record]] = []
+        for source, records in batch.items():
+            cut = len(records)
+            if horizon is not None:
+                cut = next((i for i, r in enumerate(records) if r.time_ns >= horizon), cut)
+                if cut < len(records):
+                    self._batch[source] = records[cut:]
+            if cut:
+                ready.append(records[:cut] if cut < len(records) else records)
+        merged = ready[0] if len(ready) == 1 else heapq.merge(*ready, key=_time_ns)
+        # the last pass of a stopping thread must leave nothing read and undelivered
+        read_ahead = not self._stopping and self.alive and (
+            threading.get_ident() == getattr(self._thread, "ident", None))
+        next_read = time.monotonic() + self.read_ahead_interval
+        for record in merged:
             self.records_delivered += 1
             self._deliver(record)
+            if read_ahead and time.monotonic() >= next_read:
+                self._read_ahead()
+                next_read = time.monotonic() + self.read_ahead_interval
+        return bool(self._batch)
+
+    def _read_ahead(self) -> None:
+        """While slow callbacks deliver a pass, keep reading for the next one: writers waiting
+        for room get it, and see the master reading (a stall is the master reading nothing)."""
+        for lane in self._segment.busy_lanes():
+            reader = self._reader(lane)
+            if reader is not None:
+                records = self._segment.read(lane, self.max_read, JOIN_GAP_NS)
+                if records:
+                    self._hand_over(reader.feed(records), reader)
 
     def _reap(self) -> None:
         """Drain and free the lanes whose writers closed them or died."""
@@ -489,22 +549,25 @@ class Drain:
                 if Stamp(info.owner_pid, 0).pid_exists():
                     continue
             reader = self._reader(lane) or LaneReader(info.owner_pid, 0, None)
-            self._hand_over(reader.feed(self._segment.read(lane, 1 << 62)))
+            self._hand_over(reader.feed(self._segment.read(lane, 1 << 62, JOIN_GAP_NS)), reader)
             if info.state != _ring.LANE_CLOSED:  # died: its pump may not have emptied its pipes
                 left = [(stream, 0, time.time_ns(), read_available(fd), reader.last_thread,
                          reader.last_thread_rank) for stream, fd in reader.pipes.items()]
                 for stream, _, _, data, _, _ in left:
                     if data:
                         self._recovered(stream, data)  # the terminal never saw these either
-                self._hand_over(reader.feed([x for x in left if x[3]]))
+                self._hand_over(reader.feed([x for x in left if x[3]]), reader)
             reader.close_pipes()
-            self._hand_over(reader.flush())
+            self._hand_over(reader.flush(), reader)
             final = self._ring.lane_info(lane)
             for key in self.retired:
                 self.retired[key] += getattr(final, key)
             self._segment.free(lane)
             self._readers.pop(lane, None)
             self.lanes_reclaimed += 1
+
+
+_time_ns = attrgetter("time_ns")
 
 
 def _unread_bytes(fd: int) -> int:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import NoReturn
 
 from safe_redirect import _ring
+from safe_redirect.arguments import MODES, OVERFLOW_POLICIES, check_install_arguments
 from safe_redirect.drain import Drain, Record
 from safe_redirect.fdcapture import FdCapture, reopen_terminal
 from safe_redirect.hooks import HookState, StreamHooks, reaim_in_child
@@ -43,14 +44,6 @@ from safe_redirect.stamp import (
 
 __all__ = ["MODES", "OVERFLOW_POLICIES", "Session", "Stats", "install", "stats"]
 
-#: "block": a writer whose lane is full waits while the master keeps reading, and spills (writes to
-#: its terminal only, counted) once the master has read nothing for `stall_timeout` seconds or is
-#: dead. "spill": a writer never waits; what does not fit is spilled at once.
-OVERFLOW_POLICIES = ("block", "spill")
-
-#: "wrap": hook sys.stdout / sys.stderr and their buffers (Python-level writes).
-#: "fd": pipes on fds 1 and 2 (also os.write, os.system, C libraries).
-MODES = ("wrap", "fd")
 #: fd mode: how long the pump waits in C for room in a full lane before `_append_rest` (the
 #: overflow policy, in Python) takes over. The drain frees room within a pass, well below this.
 _PUMP_WAIT_ROOM = 0.05
@@ -105,8 +98,9 @@ class Session:
                  streams: Iterable[str] = ("stdout", "stderr"), tag: str = "[rank{rank}] ",
                  lanes: int = 64, lane_bytes: int = 1 << 20, overflow: str = "block",
                  stall_timeout: float = 2.0, exit_timeout: float = 2.0) -> None:
+        streams = check_install_arguments(on_output, mode, streams, tag, lanes, lane_bytes,
+                                          overflow, stall_timeout, exit_timeout)
         self._configure(mode, streams, overflow, stall_timeout, exit_timeout)
-        tag.format(rank=0, pid=0, name="")  # a bad template fails here, not on the drain thread
         self._on_output = on_output
         watch_torch_xla()
         self._owner = Stamp.current()
