@@ -1,7 +1,9 @@
 """fd-level capture: fds 1 and 2 pointed at pipes, and a pump thread that tees and captures.
 
 This catches what never passes through `sys.stdout`: `os.write(1, ...)`, `os.system`, C and C++
-libraries. Each capturing process (the master, and every forked child) has pipes of its own: the
+libraries. What does pass through it is captured by the hooks, with its thread, and written to
+the saved terminal, not into the pipe (`hooks.py`, KIND_RAW): the lane then has two writers, the
+pump and the hooks, whose order `_ring.c` keeps ("fd mode's two paths"). Each capturing process (the master, and every forked child) has pipes of its own: the
 pump stores what arrives in the process's lane and copies it to the saved original fd (the
 terminal keeps its output). A child never writes into its master's pipe, so lines of two
 processes cannot interleave mid-line, and a child never blocks on a master that stopped reading.
@@ -168,6 +170,14 @@ class FdCapture:
         self._synced = threading.Condition()
         self._sync_requested = 0
         self._sync_done = 0
+        self._fed: Producer | None = None  # the lane our pipes feed besides the hooks
+
+    def feed(self, producer: Producer | None) -> None:
+        """Tell `producer` (this process's lane) our pipes and the saved terminals: from now on
+        Python-level writes go to the terminals and the pipes carry the rest (see `_ring.c`)."""
+        if producer is not None:
+            producer.feed(self.read_ends(), self.saved_fds())
+        self._fed = producer
 
     def tee(self, stream: int, data: bytes) -> None:
         """Write to the saved terminal fd of `stream` (0 stdout, 1 stderr), if it is still open."""
@@ -252,6 +262,9 @@ class FdCapture:
         if self._saved_closed:
             return
         self._saved_closed = True
+        if self._fed is not None:
+            self._fed.unfeed()  # no hook writes to a saved fd after this
+            self._fed = None
         for saved in self.saved.values():
             try:
                 os.close(saved)
@@ -264,7 +277,9 @@ class FdCapture:
     def abandon_in_child(self) -> None:
         """After fork: the pump does not exist here. Point fds 1 and 2 back at the terminal,
         never at the master's pipes, and drop every fd of the master's capture but the saved
-        terminal copies (the child's own capture starts from them)."""
+        terminal copies (the child's own capture starts from them). The producer it fed is
+        the master's: the hooks leave it at their first write here."""
+        self._fed = None
         for fd, saved in self.saved.items():
             os.dup2(saved, fd)
             os.close(saved)

@@ -4,6 +4,10 @@ Hooks are set on the stream *objects* (as wandb and ipykernel do), not by replac
 that a logging handler or anything else holding the stream object is captured too. Each hook calls
 the writer it replaced and then copies the data into its session's lane (`_ring.Hook`).
 
+In fd mode one more hook sits at the bottom of each stream, on its `FileIO.write` (the raw file
+on fd 1 or 2): it writes to the saved terminal instead of the fd, which is a pipe then, so that
+what the hooks above captured with its thread does not come through the pipe a second time.
+
 Every hook of ours on one attribute is kept in a stack, oldest first. In a forked child the stacks
 are re-aimed (`reaim_in_child`): each hook calls the hook of ours below it, the lowest one calls the
 *plain* method of the stream class, and the top one is put back on the stream. Whatever else the
@@ -14,6 +18,7 @@ never called in a child.
 from __future__ import annotations
 
 import enum
+import io
 import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -21,6 +26,7 @@ from typing import Any
 
 from safe_redirect import _ring
 from safe_redirect.ring import STREAMS, Producer
+from safe_redirect.fdcapture import STREAM_FDS
 from safe_redirect.stamp import fork_generation, on_fork_in_child
 
 __all__ = ["HookState", "StreamHooks", "reaim_in_child"]
@@ -125,6 +131,18 @@ _TARGETS: tuple[tuple[str, str, int], ...] = (
 )
 
 
+def _terminal_file(stream: Any, fd: int) -> io.FileIO | None:
+    """The raw file at the bottom of `stream` if it writes to `fd` (sys.stdout's, usually)."""
+    buffer = getattr(stream, "buffer", None)
+    raw = getattr(buffer, "raw", buffer)
+    try:
+        if isinstance(raw, io.FileIO) and not raw.closed and raw.fileno() == fd:
+            return raw
+    except (OSError, ValueError):
+        pass
+    return None
+
+
 class StreamHooks:
     """All hooks of one session, on the streams it was asked to capture."""
 
@@ -143,7 +161,9 @@ class StreamHooks:
         return (f"<StreamHooks {self.state.value} streams={self.streams} "
                 f"patches={len(self._patches)}>")
 
-    def install(self, producer: Producer | None) -> None:
+    def install(self, producer: Producer | None, terminals: bool = False) -> None:
+        """Hook sys.stdout / sys.stderr and their buffers; with `terminals` (fd mode) also the
+        raw files on fds 1 and 2 under them, first, so that they are the innermost hooks."""
         if self.state is not HookState.NEW:
             raise RuntimeError(f"hooks are {self.state.value}, not new")
         for name in self.streams:
@@ -151,6 +171,9 @@ class StreamHooks:
             if stream is None:
                 continue  # pythonw, or a closed console: nothing to capture
             number = STREAMS.index(name)
+            raw = _terminal_file(stream, STREAM_FDS[name]) if terminals else None
+            if raw is not None:
+                self._patch(raw, "write", _ring.KIND_RAW, number, producer)
             for layer, attribute, kind in _TARGETS:
                 owner = stream if layer == "text" else getattr(stream, "buffer", None)
                 if owner is None:

@@ -50,7 +50,8 @@ __all__ = ["MODES", "OVERFLOW_POLICIES", "Session", "Stats", "install", "stats"]
 OVERFLOW_POLICIES = ("block", "spill")
 
 #: "wrap": hook sys.stdout / sys.stderr and their buffers (Python-level writes).
-#: "fd": pipes on fds 1 and 2 (also os.write, os.system, C libraries).
+#: "fd": the same hooks, and pipes on fds 1 and 2 for what bypasses them (os.write, os.system,
+#: C libraries).
 MODES = ("wrap", "fd")
 #: fd mode: how long the pump waits in C for room in a full lane before `_append_rest` (the
 #: overflow policy, in Python) takes over. The drain frees room within a pass, well below this.
@@ -124,10 +125,11 @@ class Session:
             if self._mode == "fd":
                 self._fd = FdCapture(self._hooks.streams, self._fd_lane, self._fd_lane_full,
                                      self._append_rest)
-                self._fd.start()
-            else:
-                self._hooks.install(self._producer)
-                self._hooks.skip_thread(drain_ident)
+                self._fd.open()
+                self._fd.feed(self._producer)
+                self._fd.run()
+            self._hooks.install(self._producer, terminals=self._mode == "fd")
+            self._hooks.skip_thread(drain_ident)
             _finish_multiprocessing_children(self)
         except BaseException:
             self._hooks.uninstall()
@@ -176,8 +178,7 @@ class Session:
             # of our own (there is no first write to wait for).
             reopen_terminal(info.master_pid, info.terminal_fds, self._hooks.streams)
             self._become_child()
-        else:
-            self._hooks.install(self._ring.segment.placeholder())
+        self._hooks.install(self._ring.segment.placeholder(), terminals=self._mode == "fd")
         _finish_multiprocessing_children(self)  # a forkserver forks from here
         self._register()
         return self
@@ -365,6 +366,28 @@ class Session:
     def _on_fork(self, hook: _ring.Hook) -> None:
         """Called by a hook at the first captured write of a new process."""
         self._become_child()
+        producer = self._producer
+        if self._mode != "fd" or hook.producer is producer:
+            return
+        if producer is not None and producer.generation != fork_generation():
+            return  # a write from inside the attach (it flushes the streams): not captured
+        # fd mode claimed the lane at fork (for the pipes); the hooks join it at their first
+        # write, where a wrap-mode child claims its lane: it takes the rank and name the
+        # process has by now, so that both modes tag a process alike
+        self.refresh_identity()
+        self._hooks.set_producer(producer)
+
+    def refresh_identity(self) -> None:
+        """A child's lane takes the rank and multiprocessing name the process has now (they
+        were set after the lane was claimed: by a launcher, by multiprocessing's bootstrap)."""
+        producer = self._producer
+        if self.state is not State.CHILD or producer is None:
+            return
+        if producer.generation != fork_generation():
+            return  # the lane of the process we were forked from
+        rank = detect_rank()
+        producer.set_identity(-1 if rank is None else rank,
+                              process_name().encode("utf-8", "replace")[:31])
 
     def _become_child(self) -> None:
         """Once per new process: re-aim the hooks and claim a lane. Threads that write while one
@@ -373,6 +396,8 @@ class Session:
         if self._child_generation == generation:
             return
         me = threading.get_ident()
+        if self._attaching.get(generation) == me:
+            return  # a hook's write from inside the attach (fd mode flushes the streams)
         if self._attaching.setdefault(generation, me) != me:  # atomic under the GIL
             deadline = time.monotonic() + 5.0
             while self._child_generation != generation and time.monotonic() < deadline:
@@ -400,6 +425,7 @@ class Session:
                                      self._append_rest)
         fd.open()
         self._producer = self._claim_lane(fd.read_ends())
+        fd.feed(self._producer)
         fd.run()
         deadline = time.monotonic() + 0.1  # bounded: never block a child on its master
         while self._producer is not None and not self._producer.pipes_acked:
@@ -584,6 +610,7 @@ def _finish_multiprocessing_children(session: Session) -> None:
     import multiprocessing.util
 
     def child_started(session: Session) -> None:
+        session.refresh_identity()  # the process has its name (and a torch spawn rank) now
         multiprocessing.util.Finalize(None, session._at_multiprocessing_child_exit,
                                       exitpriority=-100)
         register = getattr(threading, "_register_atexit", None)  # CPython 3.9+
