@@ -859,7 +859,18 @@ typedef struct {
     unsigned hook_mid_line;   /* bit per stream: the hooks' last append ended inside a line */
     unsigned raw_mid_line;    /* bit per stream: the last write to the terminal did */
     char *take_buf;           /* where a hook takes what the pipes hold */
+    /* per stream: what the hooks captured of a buffered stream whose bytes have not reached the
+     * terminal yet, as entries (stage_entry, payload); appended at the stream's next raw write */
+    char *stage[2];
+    size_t stage_len[2], stage_cap[2];
 } ProducerObject;
+
+typedef struct {
+    uint32_t len;
+    uint16_t slot;
+    uint8_t flags, pad;
+    int32_t rank;
+} stage_entry;
 
 static void producer_init_feed(ProducerObject *p) {
     p->lock = 0;
@@ -868,6 +879,10 @@ static void producer_init_feed(ProducerObject *p) {
     p->feed_rank = -1;
     p->hook_mid_line = p->raw_mid_line = 0;
     p->take_buf = NULL;
+    for (int s = 0; s < 2; s++) {
+        p->stage[s] = NULL;
+        p->stage_len[s] = p->stage_cap[s] = 0;
+    }
 }
 
 static PyObject *Segment_producer(SegmentObject *self, PyObject *arg) {
@@ -906,6 +921,8 @@ static PyObject *Segment_placeholder(SegmentObject *self, PyObject *unused) {
 static void Producer_dealloc(ProducerObject *self) {
     Py_XDECREF(self->segment);
     PyMem_RawFree(self->take_buf);
+    PyMem_RawFree(self->stage[0]);
+    PyMem_RawFree(self->stage[1]);
     PyObject_Free(self);
 }
 
@@ -918,10 +935,16 @@ static void Producer_dealloc(ProducerObject *self) {
  * through the pipes, where the pump thread reads it. Both append to the process's lane, so
  * `lock` makes their appends, the pipes' reads and the writes to the terminal one sequence:
  * - the pump reads, appends and tees under the lock;
- * - a hook, before it appends what starts a line, and a raw write, before it writes to the
- *   terminal what starts a line, take what the pipes hold first (producer_take_pipes), so that
- *   a C write followed by a print lands in that order in the lane and on the terminal; a print
- *   followed by a C write is in order anyway (the hook appended before it returned).
+ * - a raw write (the bytes of a print reaching the terminal) first takes what the pipes hold
+ *   (producer_take_pipes) when it starts a line or follows staged text, then appends what the
+ *   hooks staged for its stream, then writes: a C write followed by a print lands in that order
+ *   in the lane and on the terminal; a print followed by a C write is in order anyway;
+ * - a hook on a stream whose bytes reach the terminal through a raw hook (`terminal`) appends
+ *   what it captured at once if the call wrote to the terminal (write-through, line-buffered,
+ *   a buffer that filled up), else stages it (a block-buffered stream): where the bytes of a
+ *   print wait in the stream's buffer, their record waits too, and the order is the
+ *   terminal's. No system call per print on a buffered stream; one ioctl per line on a
+ *   write-through one. A hook on any other stream (not on fd 1 / 2) appends at once.
  * Bytes from the pipes carry one thread number of their own (feed_slot) whoever moves them, so
  * that a C line split between the pump and a hook is rebuilt as one line.
  * Whoever waits for the lock and holds the GIL lets it go first (producer_lock_gil); the pump
@@ -962,6 +985,72 @@ static int pipe_holds_bytes(ProducerObject *p, int stream) {
 }
 
 static void producer_take_pipes(ProducerObject *p); /* with the pump, below */
+
+#define STAGE_MAX (64u * 1024u) /* more staged than a stream buffers: a stream we do not see flush */
+
+static int64_t producer_append_as(ProducerObject *p, unsigned stream, unsigned flags,
+                                  const char *buf, uint64_t len, uint16_t slot, int32_t rank);
+
+/* Stage a captured write (lock held). -1: no memory (the caller appends it at once instead). */
+static int stage_add(ProducerObject *p, int s, const char *buf, uint64_t len, unsigned flags) {
+    size_t need = p->stage_len[s] + sizeof(stage_entry) + (size_t)len;
+    if (need > p->stage_cap[s]) {
+        size_t cap = p->stage_cap[s] ? p->stage_cap[s] * 2 : 4096;
+        while (cap < need) cap *= 2;
+        char *grown = PyMem_RawRealloc(p->stage[s], cap);
+        if (!grown) return -1;
+        p->stage[s] = grown;
+        p->stage_cap[s] = cap;
+    }
+    stage_entry e = {(uint32_t)len, current_thread_slot(), (uint8_t)flags, 0, thread_rank};
+    memcpy(p->stage[s] + p->stage_len[s], &e, sizeof e);
+    memcpy(p->stage[s] + p->stage_len[s] + sizeof e, buf, (size_t)len);
+    p->stage_len[s] = need;
+    return 0;
+}
+
+/* What a full lane left of the staged entries: the caller (lock released, GIL held) hands it to
+ * the overflow policy, entry by entry, as the thread that wrote it. */
+typedef struct {
+    char *buf;       /* owned; NULL if nothing is left */
+    size_t len, pos; /* entries from `pos` on */
+    uint64_t done;   /* bytes of the entry at `pos` already appended */
+} stage_left;
+
+/* Append the entries staged for stream s, each as its writer (lock held). */
+static stage_left stage_move(ProducerObject *p, int s) {
+    stage_left left = {NULL, 0, 0, 0};
+    size_t pos = 0, len = p->stage_len[s];
+    char *buf = p->stage[s];
+    while (pos < len) {
+        stage_entry e;
+        memcpy(&e, buf + pos, sizeof e);
+        int64_t n = producer_append_as(p, (unsigned)s, e.flags, buf + pos + sizeof e, e.len,
+                                       e.slot, e.rank);
+        if (n >= 0 && (uint64_t)n < e.len) { /* full: the rest goes to the overflow policy */
+            left.buf = buf;
+            left.len = len;
+            left.pos = pos;
+            left.done = (uint64_t)n;
+            p->stage[s] = NULL;
+            p->stage_cap[s] = 0;
+            break;
+        }
+        pos += sizeof e + e.len;
+    }
+    p->stage_len[s] = 0;
+    return left;
+}
+
+/* Lock held, GIL held: what the pipes hold goes first, then what is staged for stream s. */
+static stage_left take_then_move(ProducerObject *p, int s) {
+    if (pipe_holds_bytes(p, s)) {
+        Py_BEGIN_ALLOW_THREADS
+        producer_take_pipes(p);
+        Py_END_ALLOW_THREADS
+    }
+    return stage_move(p, s);
+}
 
 static int producer_live(ProducerObject *p) {
     return p->lane && !p->detached && p->segment->has_view &&
@@ -1128,6 +1217,31 @@ static PyObject *Producer_feed(ProducerObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* What the hooks staged goes into the lane now, after what the pipes hold (a flush, an exit, the
+ * hooks coming off). What a full lane cannot take is counted as spilled. */
+static PyObject *Producer_unstage(ProducerObject *self, PyObject *unused) {
+    if (!producer_feeding(self) ||
+        self->generation != atomic_load_explicit(&fork_generation, memory_order_relaxed))
+        Py_RETURN_NONE;
+    producer_lock_gil(self);
+    for (int s = 0; s < 2; s++) {
+        if (!self->stage_len[s]) continue;
+        stage_left left = take_then_move(self, s);
+        for (size_t pos = left.pos; left.buf && pos < left.len;) {
+            stage_entry e;
+            memcpy(&e, left.buf + pos, sizeof e);
+            if (self->lane && self->segment->has_view) {
+                atomic_fetch_add(&self->lane->spilled_records, 1);
+                atomic_fetch_add(&self->lane->spilled_bytes, e.len - (pos == left.pos ? left.done : 0));
+            }
+            pos += sizeof e + e.len;
+        }
+        PyMem_RawFree(left.buf);
+    }
+    producer_unlock(self);
+    Py_RETURN_NONE;
+}
+
 /* fd mode ends (before the pipes and the saved terminals close): hooks write through again. */
 static PyObject *Producer_unfeed(ProducerObject *self, PyObject *unused) {
     producer_lock_gil(self);
@@ -1223,6 +1337,8 @@ static PyMethodDef Producer_methods[] = {
     {"feed", (PyCFunction)Producer_feed, METH_VARARGS,
      "feed((stdout_read, stderr_read), (stdout_terminal, stderr_terminal)): fd mode, the pipes "
      "that feed this lane besides the hooks, and the terminals Python's writes go to"},
+    {"unstage", (PyCFunction)Producer_unstage, METH_NOARGS,
+     "fd mode: what the hooks staged for buffered streams goes into the lane now"},
     {"unfeed", (PyCFunction)Producer_unfeed, METH_NOARGS,
      "fd mode ends: forget the pipes and terminals (before they close)"},
     {"set_identity", (PyCFunction)Producer_set_identity, METH_VARARGS,
@@ -1255,6 +1371,7 @@ typedef struct {
     unsigned long skip_thread; /* writes from this thread (the drain thread) are not captured */
     int stream;
     int kind;
+    int terminal; /* fd mode: a KIND_RAW hook of ours under this one writes the stream's bytes */
 } HookObject;
 
 static void report_unraisable(PyObject *hook, const char *what) {
@@ -1276,8 +1393,36 @@ static void hook_check_fork(HookObject *self) {
     Py_XDECREF(r);
 }
 
+/* Hand what a full lane left of staged entries to the overflow policy, each entry as the thread
+ * that wrote it (on_full appends with the calling thread's number and rank). GIL held, lock not. */
+static void stage_overflow(HookObject *self, int s, stage_left left) {
+    uint16_t my_slot = current_thread_slot();
+    int32_t my_rank = thread_rank;
+    for (size_t pos = left.pos; left.buf && pos < left.len;) {
+        stage_entry e;
+        memcpy(&e, left.buf + pos, sizeof e);
+        uint64_t done = pos == left.pos ? left.done : 0;
+        PyObject *rest = PyBytes_FromStringAndSize(left.buf + pos + sizeof e + done,
+                                                   (Py_ssize_t)(e.len - done));
+        pos += sizeof e + e.len;
+        if (!rest) {
+            PyErr_Clear();
+            continue;
+        }
+        thread_slot = e.slot;
+        thread_rank = e.rank;
+        PyObject *r = PyObject_CallFunction(self->on_full, "OiN", (PyObject *)self, s, rest);
+        thread_slot = my_slot;
+        thread_rank = my_rank;
+        if (!r)
+            report_unraisable((PyObject *)self, "safe_redirect: handling a full lane failed");
+        Py_XDECREF(r);
+    }
+    PyMem_RawFree(left.buf);
+}
+
 /* Capture what the call wrote. `raw_written`: the call wrote to the terminal through a KIND_RAW
- * hook, which took what the pipes held just before (fd mode). */
+ * hook, which took the pipes and the staged writes just before (fd mode). */
 static int hook_capture(HookObject *self, const char *buf, uint64_t len, unsigned flags,
                         int raw_written) {
     if (self->producer == Py_None) return 0;
@@ -1286,29 +1431,28 @@ static int hook_capture(HookObject *self, const char *buf, uint64_t len, unsigne
     if (p->generation != atomic_load_explicit(&fork_generation, memory_order_relaxed))
         return 0; /* never write into a lane of another process */
     int64_t n;
-    if (producer_feeding(p)) {
-        unsigned bit = 1u << self->stream;
+    int s = self->stream;
+    stage_left left = {NULL, 0, 0, 0};
+    if (producer_feeding(p) && s < 2) {
         producer_lock_gil(p);
-        /* what starts a line comes after what C code wrote to the pipes before it */
-        if (len && !raw_written && !(p->hook_mid_line & bit) && pipe_holds_bytes(p, self->stream)) {
-            Py_BEGIN_ALLOW_THREADS
-            producer_take_pipes(p);
-            Py_END_ALLOW_THREADS
+        if (self->terminal && len && !raw_written && stage_add(p, s, buf, len, flags) == 0) {
+            /* a buffered stream: the record waits with the bytes (see "fd mode's two paths") */
+            if (p->stage_len[s] > STAGE_MAX) left = take_then_move(p, s);
+            producer_unlock(p);
+            stage_overflow(self, s, left);
+            return 0;
         }
-        n = producer_append(p, (unsigned)self->stream, flags, buf, len);
-        if (len) {
-            char last = buf[len - 1];
-            p->hook_mid_line = last == '\n' || last == '\r' ? p->hook_mid_line & ~bit
-                                                            : p->hook_mid_line | bit;
-        }
+        if (self->terminal && !raw_written && p->stage_len[s]) left = take_then_move(p, s);
+        n = producer_append(p, (unsigned)s, flags, buf, len);
         producer_unlock(p);
+        stage_overflow(self, s, left);
     } else {
-        n = producer_append(p, (unsigned)self->stream, flags, buf, len);
+        n = producer_append(p, (unsigned)s, flags, buf, len);
     }
     if (n < 0 || (uint64_t)n == len) return 0;
     PyObject *rest = PyBytes_FromStringAndSize(buf + n, (Py_ssize_t)(len - (uint64_t)n));
     if (!rest) return -1;
-    PyObject *r = PyObject_CallFunction(self->on_full, "OiN", (PyObject *)self, self->stream, rest);
+    PyObject *r = PyObject_CallFunction(self->on_full, "OiN", (PyObject *)self, s, rest);
     if (!r) {
         report_unraisable((PyObject *)self, "safe_redirect: handling a full lane failed");
         return 0;
@@ -1318,15 +1462,16 @@ static int hook_capture(HookObject *self, const char *buf, uint64_t len, unsigne
 }
 
 /* KIND_RAW, fd mode: write to the saved terminal instead of fd 1 / 2 (the pipe would capture the
- * bytes a second time), after what the pipes hold when the write starts a line. Returns what
+ * bytes a second time); first what the pipes hold (when the write starts a line or follows
+ * staged text) and what the hooks staged for the stream go into the lane. Returns what
  * FileIO.write returns; without a feeding producer of this process it is FileIO.write. */
 static PyObject *hook_raw_write(HookObject *self, PyObject *const *args, size_t nargsf,
                                 PyObject *kwnames) {
     PyObject *producer = self->producer;
     ProducerObject *p = producer == Py_None ? NULL : (ProducerObject *)producer;
-    int stream = self->stream;
+    int s = self->stream;
     if (!p || p->generation != atomic_load_explicit(&fork_generation, memory_order_relaxed) ||
-        stream > 1 || !producer_feeding(p) || PyVectorcall_NARGS(nargsf) != 1 || kwnames)
+        s > 1 || !producer_feeding(p) || PyVectorcall_NARGS(nargsf) != 1 || kwnames)
         return PyObject_Vectorcall(self->target, args, nargsf, kwnames);
     Py_buffer view;
     if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0) {
@@ -1334,17 +1479,16 @@ static PyObject *hook_raw_write(HookObject *self, PyObject *const *args, size_t 
         return PyObject_Vectorcall(self->target, args, nargsf, kwnames);
     }
     Py_INCREF(producer); /* the hook's producer may be replaced while the GIL is let go */
-    unsigned bit = 1u << stream;
+    unsigned bit = 1u << s;
     ssize_t written = -1;
-    int err = 0, through = 0;
+    int err = 0;
+    stage_left left = {NULL, 0, 0, 0};
     raw_writes++;
-    Py_BEGIN_ALLOW_THREADS
-    producer_lock_nogil(p);
-    int terminal = p->feed_terminal[stream];
-    if (terminal < 0) {
-        through = 1; /* fd mode ended meanwhile */
-    } else {
-        if (!(p->raw_mid_line & bit)) producer_take_pipes(p);
+    producer_lock_gil(p);
+    int terminal = p->feed_terminal[s];
+    if (terminal >= 0) {
+        if (p->stage_len[s] || !(p->raw_mid_line & bit)) left = take_then_move(p, s);
+        Py_BEGIN_ALLOW_THREADS
         do {
             written = write(terminal, view.buf, (size_t)view.len);
         } while (written < 0 && errno == EINTR);
@@ -1354,12 +1498,15 @@ static PyObject *hook_raw_write(HookObject *self, PyObject *const *args, size_t 
             p->raw_mid_line = last == '\n' || last == '\r' ? p->raw_mid_line & ~bit
                                                            : p->raw_mid_line | bit;
         }
+        producer_unlock(p);
+        Py_END_ALLOW_THREADS
+    } else {
+        producer_unlock(p); /* fd mode ended meanwhile */
     }
-    producer_unlock(p);
-    Py_END_ALLOW_THREADS
     PyBuffer_Release(&view);
+    stage_overflow(self, s, left);
     Py_DECREF(producer);
-    if (through) return PyObject_Vectorcall(self->target, args, nargsf, kwnames);
+    if (terminal < 0) return PyObject_Vectorcall(self->target, args, nargsf, kwnames);
     if (written < 0) {
         if (err == EAGAIN) Py_RETURN_NONE; /* as FileIO.write on a non-blocking fd */
         errno = err;
@@ -1446,6 +1593,7 @@ static int Hook_init(HookObject *self, PyObject *args, PyObject *kwds) {
     self->stream = stream;
     self->kind = kind;
     self->skip_thread = 0;
+    self->terminal = 0;
     self->vectorcall = hook_vectorcall;
     return 0;
 }
@@ -1500,6 +1648,15 @@ static int Hook_set_skip_thread(HookObject *self, PyObject *v, void *c) {
     return 0;
 }
 static PyObject *Hook_get_stream(HookObject *self, void *c) { return PyLong_FromLong(self->stream); }
+static PyObject *Hook_get_terminal(HookObject *self, void *c) {
+    return PyBool_FromLong(self->terminal);
+}
+static int Hook_set_terminal(HookObject *self, PyObject *v, void *c) {
+    int t = v ? PyObject_IsTrue(v) : 0;
+    if (t < 0) return -1;
+    self->terminal = t;
+    return 0;
+}
 static PyObject *Hook_get_kind(HookObject *self, void *c) { return PyLong_FromLong(self->kind); }
 
 static PyGetSetDef Hook_getset[] = {
@@ -1508,6 +1665,8 @@ static PyGetSetDef Hook_getset[] = {
     {"skip_thread", (getter)Hook_get_skip_thread, (setter)Hook_set_skip_thread,
      "ident of a thread whose writes are not captured (0: none)", NULL},
     {"stream", (getter)Hook_get_stream, NULL, NULL, NULL},
+    {"terminal", (getter)Hook_get_terminal, (setter)Hook_set_terminal,
+     "fd mode: a KIND_RAW hook under this one writes the stream's bytes to the terminal", NULL},
     {"kind", (getter)Hook_get_kind, NULL, NULL, NULL},
     {NULL},
 };

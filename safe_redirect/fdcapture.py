@@ -27,7 +27,8 @@ from safe_redirect import _ring
 from safe_redirect._ring import Producer
 from safe_redirect.ring import STREAMS
 
-__all__ = ["STREAM_FDS", "FdCapture", "open_peer_pipe", "read_available"]
+__all__ = ["STREAM_FDS", "FdCapture", "flush_python_streams", "open_peer_pipe",
+           "read_available"]
 
 STREAM_FDS = {"stdout": 1, "stderr": 2}
 _CHUNK = 1 << 16
@@ -201,7 +202,7 @@ class FdCapture:
 
     def open(self) -> None:
         """Point fds 1 and 2 at new pipes; nothing reads them until run()."""
-        _flush_python_streams()
+        flush_python_streams()
         for stream, fd in self._targets:
             saved = os.dup(fd)
             append_if_regular_file(saved)
@@ -224,7 +225,7 @@ class FdCapture:
         """Return once the pump has captured everything written to fds 1 and 2 before."""
         if self._stop or self._thread is None:
             return True
-        _flush_python_streams()
+        flush_python_streams()
         with self._synced:
             self._sync_requested += 1
             target = self._sync_requested
@@ -238,7 +239,7 @@ class FdCapture:
         (a subprocess, say) has closed its end. Returns False if the pump did not answer."""
         if self._stop:
             return self._drained.is_set()
-        _flush_python_streams()
+        flush_python_streams()
         for fd, saved in self.saved.items():
             if self._still_ours(fd):  # not if somebody (pytest's capfd, say) took fd 1 since
                 os.dup2(saved, fd)
@@ -351,7 +352,8 @@ def _enlarge_pipe(fd: int) -> None:
         pass
 
 
-def _flush_python_streams() -> None:
+def flush_python_streams() -> None:
+    """What sys.stdout and sys.stderr buffer goes to their fds now."""
     for stream in (sys.stdout, sys.stderr):
         try:
             if stream is not None:

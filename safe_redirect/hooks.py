@@ -174,11 +174,15 @@ class StreamHooks:
             raw = _terminal_file(stream, STREAM_FDS[name]) if terminals else None
             if raw is not None:
                 self._patch(raw, "write", _ring.KIND_RAW, number, producer)
+            first = len(self._patches)
             for layer, attribute, kind in _TARGETS:
                 owner = stream if layer == "text" else getattr(stream, "buffer", None)
                 if owner is None:
                     continue
                 self._patch(owner, attribute, kind, number, producer)
+            if raw is not None and self._patches[first - 1].hook.kind == _ring.KIND_RAW:
+                for patch in self._patches[first:]:  # their bytes reach the terminal through it
+                    patch.hook.terminal = True
         self.state = HookState.INSTALLED
 
     def _patch(self, owner: Any, attribute: str, kind: int, stream: int,

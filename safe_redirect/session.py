@@ -22,7 +22,7 @@ from typing import NoReturn
 
 from safe_redirect import _ring
 from safe_redirect.drain import Drain, Record
-from safe_redirect.fdcapture import FdCapture, reopen_terminal
+from safe_redirect.fdcapture import FdCapture, flush_python_streams, reopen_terminal
 from safe_redirect.hooks import StreamHooks, reaim_in_child
 from safe_redirect.launchers import detect_rank, set_thread_rank, watch_torch_xla
 from safe_redirect.ring import Producer, Ring, sweep_orphaned_segments
@@ -248,6 +248,7 @@ class Session:
             return True
         if self._fd is not None:
             self._fd.sync(timeout)
+            self._unstage()
         delivered = self._drain.sync(timeout)
         if not delivered:
             _warn(f"safe_redirect: flush timed out after {timeout} s")
@@ -265,7 +266,7 @@ class Session:
                 self._uninstall_master(timeout)
 
     def _uninstall_master(self, timeout: float | None) -> None:
-        self._hooks.uninstall()
+        self._unhook()
         unexport(self._attach_info, self._previous_env)
         if self._fd is not None and not self._fd.stop(timeout):
             _warn(f"safe_redirect: the fd pump did not drain within {timeout} s")
@@ -279,6 +280,20 @@ class Session:
         stop_forkserver_started_since(self._forkserver_before)
         if not delivered:
             _warn(f"safe_redirect: final delivery timed out after {timeout} s")
+
+    def _unhook(self) -> None:
+        """Take the hooks off. fd mode: what the streams buffer reaches the terminal through
+        them first (after the hooks it would go into the pipe and be captured twice), and what
+        they staged goes into the lane."""
+        if self._fd is not None:
+            flush_python_streams()
+            self._unstage()
+        self._hooks.uninstall()
+
+    def _unstage(self) -> None:
+        producer = self._producer
+        if self._fd is not None and producer is not None:
+            producer.unstage()
 
     def _finish(self) -> None:
         self.state = State.UNINSTALLED
@@ -442,6 +457,7 @@ class Session:
         """Capture what this process's pipes hold; multiprocessing children call it at exit."""
         if self._fd is not None:
             self._fd.sync(timeout=1.0)
+            self._unstage()
 
     def _fd_lane(self) -> tuple[Producer | None, float]:
         """The fd pump's lane and how long the pump may wait for room in it (in C, without the
@@ -488,7 +504,7 @@ class Session:
         return None
 
     def _uninstall_in_child(self) -> None:
-        self._hooks.uninstall()
+        self._unhook()
         if self._fd is not None:
             self._fd.stop(timeout=1.0)
         if self._producer is not None:
