@@ -3,9 +3,11 @@
 This catches what never passes through `sys.stdout`: `os.write(1, ...)`, `os.system`, C and C++
 libraries. What does pass through it is captured by the hooks, with its thread, and written to
 the saved terminal, not into the pipe (`hooks.py`, KIND_RAW): the lane then has two writers, the
-pump and the hooks, whose order `_ring.c` keeps ("fd mode's two paths"). Each capturing process (the master, and every forked child) has pipes of its own: the
-pump stores what arrives in the process's lane and copies it to the saved original fd (the
-terminal keeps its output). A child never writes into its master's pipe, so lines of two
+pump and the hooks, whose order `_ring.c` keeps ("fd mode's two paths").
+
+Each capturing process (the master, and every forked child) has pipes of its own: the pump
+stores what arrives in the process's lane and copies it to the saved original fd (the terminal
+keeps its output). A child never writes into its master's pipe, so lines of two
 processes cannot interleave mid-line, and a child never blocks on a master that stopped reading.
 
 The pump inside a child is not the only way out of it: the child publishes its pipes' read ends in

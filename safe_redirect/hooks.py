@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from safe_redirect import _ring
-from safe_redirect.ring import STREAMS, Producer
 from safe_redirect.fdcapture import STREAM_FDS
+from safe_redirect.ring import STREAMS, Producer
 from safe_redirect.stamp import fork_generation, on_fork_in_child
 
 __all__ = ["HookState", "StreamHooks", "reaim_in_child"]
