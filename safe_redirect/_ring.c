@@ -863,6 +863,7 @@ typedef struct {
      * terminal yet, as entries (stage_entry, payload); appended at the stream's next raw write */
     char *stage[2];
     size_t stage_len[2], stage_cap[2];
+    size_t stage_last[2]; /* offset of the last entry: a write of the same thread joins it */
 } ProducerObject;
 
 typedef struct {
@@ -881,7 +882,7 @@ static void producer_init_feed(ProducerObject *p) {
     p->take_buf = NULL;
     for (int s = 0; s < 2; s++) {
         p->stage[s] = NULL;
-        p->stage_len[s] = p->stage_cap[s] = 0;
+        p->stage_len[s] = p->stage_cap[s] = p->stage_last[s] = 0;
     }
 }
 
@@ -991,8 +992,23 @@ static void producer_take_pipes(ProducerObject *p); /* with the pump, below */
 static int64_t producer_append_as(ProducerObject *p, unsigned stream, unsigned flags,
                                   const char *buf, uint64_t len, uint16_t slot, int32_t rank);
 
-/* Stage a captured write (lock held). -1: no memory (the caller appends it at once instead). */
+/* Stage a captured write (lock held). A write of the thread that staged the last entry joins it:
+ * one record per thread and flush instead of one per write, for the lane and for the drain.
+ * -1: no memory (the caller appends it at once instead). */
 static int stage_add(ProducerObject *p, int s, const char *buf, uint64_t len, unsigned flags) {
+    uint16_t slot = current_thread_slot();
+    if (p->stage_len[s] && !flags) {
+        stage_entry last;
+        memcpy(&last, p->stage[s] + p->stage_last[s], sizeof last);
+        if (last.slot == slot && last.rank == thread_rank && !last.flags &&
+            last.len + len <= STAGE_MAX && p->stage_len[s] + len <= p->stage_cap[s]) {
+            memcpy(p->stage[s] + p->stage_len[s], buf, (size_t)len);
+            p->stage_len[s] += (size_t)len;
+            last.len += (uint32_t)len;
+            memcpy(p->stage[s] + p->stage_last[s], &last, sizeof last);
+            return 0;
+        }
+    }
     size_t need = p->stage_len[s] + sizeof(stage_entry) + (size_t)len;
     if (need > p->stage_cap[s]) {
         size_t cap = p->stage_cap[s] ? p->stage_cap[s] * 2 : 4096;
@@ -1002,7 +1018,8 @@ static int stage_add(ProducerObject *p, int s, const char *buf, uint64_t len, un
         p->stage[s] = grown;
         p->stage_cap[s] = cap;
     }
-    stage_entry e = {(uint32_t)len, current_thread_slot(), (uint8_t)flags, 0, thread_rank};
+    stage_entry e = {(uint32_t)len, slot, (uint8_t)flags, 0, thread_rank};
+    p->stage_last[s] = p->stage_len[s];
     memcpy(p->stage[s] + p->stage_len[s], &e, sizeof e);
     memcpy(p->stage[s] + p->stage_len[s] + sizeof e, buf, (size_t)len);
     p->stage_len[s] = need;
