@@ -1501,9 +1501,24 @@ static PyObject *hook_raw_write(HookObject *self, PyObject *const *args, size_t 
     int err = 0;
     stage_left left = {NULL, 0, 0, 0};
     raw_writes++;
+    /* a session inside another: our terminal is the outer one's pipe, whose session captured
+     * these bytes with its own hooks already; its raw hook under ours writes them on */
+    int nested = 0;
+    for (PyObject *below = self->target; Py_IS_TYPE(below, &Hook_Type) && !nested;
+         below = ((HookObject *)below)->target)
+        nested = ((HookObject *)below)->kind == KIND_RAW;
     producer_lock_gil(p);
     int terminal = p->feed_terminal[s];
-    if (terminal >= 0) {
+    if (terminal >= 0 && nested) {
+        if (p->stage_len[s] || !(p->raw_mid_line & bit)) left = take_then_move(p, s);
+        if (view.len) {
+            char last = ((const char *)view.buf)[view.len - 1];
+            p->raw_mid_line = last == '\n' || last == '\r' ? p->raw_mid_line & ~bit
+                                                           : p->raw_mid_line | bit;
+        }
+        producer_unlock(p);
+        terminal = -1; /* written by the target, below */
+    } else if (terminal >= 0) {
         if (p->stage_len[s] || !(p->raw_mid_line & bit)) left = take_then_move(p, s);
         Py_BEGIN_ALLOW_THREADS
         do {

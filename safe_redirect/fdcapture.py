@@ -202,9 +202,12 @@ class FdCapture:
         self.open()
         self.run()
 
-    def open(self) -> None:
-        """Point fds 1 and 2 at new pipes; nothing reads them until run()."""
-        flush_python_streams()
+    def open(self, flush: bool = True) -> None:
+        """Point fds 1 and 2 at new pipes; nothing reads them until run(). What the Python
+        streams buffer goes to the old fds first; not in a child attaching right after fork (the
+        buffers hold its parent's output, and their hooks would attach other sessions then)."""
+        if flush:
+            flush_python_streams()
         for stream, fd in self._targets:
             saved = os.dup(fd)
             append_if_regular_file(saved)

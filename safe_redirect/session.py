@@ -438,7 +438,7 @@ class Session:
             self._fd.abandon_in_child()
         fd = self._fd = FdCapture(self._hooks.streams, self._fd_lane, self._fd_lane_full,
                                      self._append_rest)
-        fd.open()
+        fd.open(flush=False)
         self._producer = self._claim_lane(fd.read_ends())
         fd.feed(self._producer)
         fd.run()
