@@ -34,6 +34,8 @@
  *      +156 u32 identity     bumped each time the owner sets rank and name anew (the consumer
  *                            renders the tag again): a lane claimed at fork, before a launcher
  *                            named the process, gets the name the process has at its first write
+ *      +160 u32 pipe_thread  fd mode: the thread number that bytes from the owner's pipes carry
+ *                            (what the consumer recovers from them continues those lines)
  *     data, lane_bytes: a byte ring of records, each
  *      u32 len | u8 stream | u8 flags | u16 thread | i32 rank | u32 zero | u64 time_ns |
  *      len payload bytes | pad to 8
@@ -130,7 +132,8 @@ typedef struct {
     _Atomic int32_t pipe_fds[2];    /* fd mode: the owner's pipe read ends, -1 if none */
     _Atomic uint32_t pipes_acked;   /* fd mode: 1 once the consumer holds its own read ends */
     _Atomic uint32_t identity;      /* bumped when the owner sets rank and name anew */
-    char pad2[64 - 32];
+    _Atomic uint32_t pipe_thread;   /* fd mode: the thread number of bytes from the pipes */
+    char pad2[64 - 36];
 } lane_header;
 
 _Static_assert(sizeof(seg_header) == SEG_HEADER, "segment header layout");
@@ -476,6 +479,7 @@ static PyObject *Segment_claim(SegmentObject *self, PyObject *args) {
             atomic_store(&lane->pipe_fds[0], out_fd);
             atomic_store(&lane->pipe_fds[1], err_fd);
             atomic_store(&lane->pipes_acked, 0u);
+            atomic_store(&lane->pipe_thread, 0u);
             atomic_store_explicit(&lane->state, LANE_ACTIVE, memory_order_release);
             if (out_fd >= 0 || err_fd >= 0) ring_bell(self->hdr); /* come and take the pipes */
             return PyLong_FromUnsignedLong(i);
@@ -545,6 +549,15 @@ static PyObject *Segment_identity(SegmentObject *self, PyObject *arg) {
     lane_header *lane = segment_lane(self, i);
     if (!lane) return NULL;
     return PyLong_FromUnsignedLong(atomic_load_explicit(&lane->identity, memory_order_acquire));
+}
+
+/* fd mode: the thread number that bytes from the pipes of a lane's owner carry (0: none). */
+static PyObject *Segment_pipe_thread(SegmentObject *self, PyObject *arg) {
+    long i = PyLong_AsLong(arg);
+    if (i == -1 && PyErr_Occurred()) return NULL;
+    lane_header *lane = segment_lane(self, i);
+    if (!lane) return NULL;
+    return PyLong_FromUnsignedLong(atomic_load(&lane->pipe_thread));
 }
 
 /* Reads the record header at `pos`; 0 if it is not a sane record below `tail`. */
@@ -806,6 +819,8 @@ static PyMethodDef Segment_methods[] = {
     {"busy_lanes", (PyCFunction)Segment_busy_lanes, METH_NOARGS, "lanes that have an owner"},
     {"lanes_with_data", (PyCFunction)Segment_lanes_with_data, METH_NOARGS,
      "how many lanes hold unread bytes"},
+    {"pipe_thread", (PyCFunction)Segment_pipe_thread, METH_O,
+     "pipe_thread(lane) -> fd mode: the thread number of bytes from its owner's pipes (0: none)"},
     {"identity", (PyCFunction)Segment_identity, METH_O,
      "identity(lane) -> how often its owner set rank and name anew"},
     {"lane_info", (PyCFunction)Segment_lane_info, METH_O,
@@ -1226,6 +1241,7 @@ static PyObject *Producer_feed(ProducerObject *self, PyObject *args) {
     }
     producer_lock_gil(self);
     if (!self->feed_slot) self->feed_slot = (uint16_t)(atomic_fetch_add(&next_thread_slot, 1) % 65535u + 1);
+    if (producer_live(self)) atomic_store(&self->lane->pipe_thread, self->feed_slot);
     for (int s = 0; s < 2; s++) {
         self->feed_read[s] = read_fds[s];
         self->feed_terminal[s] = terminal_fds[s];

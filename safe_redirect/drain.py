@@ -436,8 +436,11 @@ class Drain:
             reader = self._reader(lane) or LaneReader(info.owner_pid, 0, None)
             self._hand_over(reader.feed(self._segment.read(lane, 1 << 62)))
             if info.state != _ring.LANE_CLOSED:  # died: its pump may not have emptied its pipes
-                left = [(stream, 0, time.time_ns(), read_available(fd), reader.last_thread,
-                         reader.last_thread_rank) for stream, fd in reader.pipes.items()]
+                # they continue the lines of the pipes' thread (fd mode's hooks write others)
+                thread = self._segment.pipe_thread(lane) or reader.last_thread
+                rank = reader.last_thread_rank if thread == reader.last_thread else -1
+                left = [(stream, 0, time.time_ns(), read_available(fd), thread, rank)
+                        for stream, fd in reader.pipes.items()]
                 for stream, _, _, data, _, _ in left:
                     if data:
                         self._recovered(stream, data)  # the terminal never saw these either

@@ -517,3 +517,20 @@ def test_nested_fd_sessions_each_get_every_line_once(tmp_path, buffering) -> Non
         rows = _records(tmp_path / f"records.{which}")
         assert sorted(line for _, _, _, line in rows) == expected, which
     assert sorted(result.stdout.splitlines()) == expected
+
+
+def test_what_the_master_recovers_from_a_killed_child_does_not_join_a_threads_line() -> None:
+    """A child killed right after C writes, its Python-level line left open: the bytes the
+    master takes from the dead child's pipe continue the pipe's lines, not that thread's."""
+    with fd_capture() as (session, records):
+        def child() -> None:
+            sys.stdout.write("python half line")  # pytest's stdout: no flush, no fd 1
+            os.write(1, b"".join(f"doomed line {i}\n".encode() for i in range(200)))
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        pid = fork_call(child)
+        assert wait_pid(pid, 30) == -signal.SIGKILL
+        assert session.flush(timeout=30)
+        lines = lines_by_origin(records)[(pid, "stdout")]
+        assert sorted(lines) == sorted(["python half line",
+                                        *(f"doomed line {i}" for i in range(200))])
