@@ -385,7 +385,7 @@ class Session:
         if self._mode != "fd" or hook.producer is producer:
             return
         if producer is not None and producer.generation != fork_generation():
-            return  # a write from inside the attach (it flushes the streams): not captured
+            return  # a write from inside the attach (another session's, say): not captured
         # fd mode claimed the lane at fork (for the pipes); the hooks join it at their first
         # write, where a wrap-mode child claims its lane: it takes the rank and name the
         # process has by now, so that both modes tag a process alike
@@ -412,7 +412,7 @@ class Session:
             return
         me = threading.get_ident()
         if self._attaching.get(generation) == me:
-            return  # a hook's write from inside the attach (fd mode flushes the streams)
+            return  # a hook's write from inside the attach: it goes uncaptured
         if self._attaching.setdefault(generation, me) != me:  # atomic under the GIL
             deadline = time.monotonic() + 5.0
             while self._child_generation != generation and time.monotonic() < deadline:
