@@ -152,7 +152,7 @@ class MultiProcessCapture:
         self.state = CaptureState.DONE
         if session is None:
             return
-        session.uninstall(timeout=FLUSH_TIMEOUT)  # also stops a forkserver it started
+        session.uninstall(timeout=FLUSH_TIMEOUT)
 
     def _collect(self, record: Record) -> None:
         with self._lock:

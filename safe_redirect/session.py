@@ -21,17 +21,17 @@ from dataclasses import dataclass
 from typing import NoReturn
 
 from safe_redirect import _ring
+from safe_redirect.arguments import MODES, OVERFLOW_POLICIES, check_install_arguments
 from safe_redirect.drain import Drain, Record
-from safe_redirect.fdcapture import FdCapture, reopen_terminal
-from safe_redirect.hooks import StreamHooks, reaim_in_child
+from safe_redirect.fdcapture import FdCapture, flush_python_streams, reopen_terminal
+from safe_redirect.hooks import HookState, StreamHooks, reaim_in_child
+from safe_redirect.hosts import uncaptured_in_kernel
 from safe_redirect.launchers import detect_rank, set_thread_rank, watch_torch_xla
 from safe_redirect.ring import Producer, Ring, sweep_orphaned_segments
 from safe_redirect.spawn import (
     AttachInfo,
     ensure_pth,
     export,
-    forkserver_pid,
-    stop_forkserver_started_since,
     unexport,
 )
 from safe_redirect.stamp import (
@@ -44,14 +44,6 @@ from safe_redirect.stamp import (
 
 __all__ = ["MODES", "OVERFLOW_POLICIES", "Session", "Stats", "install", "stats"]
 
-#: "block": a writer whose lane is full waits while the master keeps reading, and spills (writes to
-#: its terminal only, counted) once the master has read nothing for `stall_timeout` seconds or is
-#: dead. "spill": a writer never waits; what does not fit is spilled at once.
-OVERFLOW_POLICIES = ("block", "spill")
-
-#: "wrap": hook sys.stdout / sys.stderr and their buffers (Python-level writes).
-#: "fd": pipes on fds 1 and 2 (also os.write, os.system, C libraries).
-MODES = ("wrap", "fd")
 #: fd mode: how long the pump waits in C for room in a full lane before `_append_rest` (the
 #: overflow policy, in Python) takes over. The drain frees room within a pass, well below this.
 _PUMP_WAIT_ROOM = 0.05
@@ -110,8 +102,11 @@ class Session:
                  lanes: int = 64, lane_bytes: int = 1 << 20, overflow: str = "block",
                  stall_timeout: float = 2.0, exit_timeout: float = 2.0,
                  on_pass_end: OnPassEnd | None = None) -> None:
+        streams = check_install_arguments(on_output, mode, streams, tag, lanes, lane_bytes,
+                                          overflow, stall_timeout, exit_timeout)
+        if on_pass_end is not None and not callable(on_pass_end):
+            raise TypeError(f"on_pass_end must be a callable or None, not {on_pass_end!r}")
         self._configure(mode, streams, overflow, stall_timeout, exit_timeout)
-        tag.format(rank=0, pid=0, name="")  # a bad template fails here, not on the drain thread
         self._on_output = on_output
         self._on_pass_end = on_pass_end
         watch_torch_xla()
@@ -126,14 +121,16 @@ class Session:
             self._producer: Producer | None = self._ring.segment.producer(lane)
             self._drain = Drain(self._ring, self._deliver, tag, lane, self._tee_recovered,
                                 self._pass_end)
+            self._drain.on_restart = self._hooks.skip_thread  # a new thread after a fork
             drain_ident = self._drain.start()
             if self._mode == "fd":
                 self._fd = FdCapture(self._hooks.streams, self._fd_lane, self._fd_lane_full,
                                      self._append_rest)
-                self._fd.start()
-            else:
-                self._hooks.install(self._producer)
-                self._hooks.skip_thread(drain_ident)
+                self._fd.open()
+                self._fd.feed(self._producer)
+                self._fd.run()
+            self._hooks.install(self._producer, terminals=self._mode == "fd")
+            self._hooks.skip_thread(drain_ident)
             _finish_multiprocessing_children(self)
         except BaseException:
             self._hooks.uninstall()
@@ -153,9 +150,12 @@ class Session:
         if ensure_pth() is None:
             _warn("safe_redirect: no writable site-packages for safe_redirect.pth: spawned "
                   "processes will not be captured")
-        self._forkserver_before = forkserver_pid()
         self._previous_env = export(self._attach_info)
         self._register()
+        note = uncaptured_in_kernel(mode, self._hooks.streams,
+                                    self._hooks.state is HookState.INSTALLED)
+        if note:
+            _warn(note)
 
     @classmethod
     def attach(cls, info: AttachInfo) -> Session:
@@ -182,8 +182,7 @@ class Session:
             # of our own (there is no first write to wait for).
             reopen_terminal(info.master_pid, info.terminal_fds, self._hooks.streams)
             self._become_child()
-        else:
-            self._hooks.install(self._ring.segment.placeholder())
+        self._hooks.install(self._ring.segment.placeholder(), terminals=self._mode == "fd")
         _finish_multiprocessing_children(self)  # a forkserver forks from here
         self._register()
         return self
@@ -238,7 +237,7 @@ class Session:
             return
         try:
             self._on_output(record)
-        except Exception:
+        except BaseException:  # a KeyboardInterrupt there must not end the drain
             self._callback_errors += 1
             if self._callback_errors == 1:
                 _warn("safe_redirect: on_output raised (reported once; counted in "
@@ -264,7 +263,10 @@ class Session:
             return True
         if self._fd is not None:
             self._fd.sync(timeout)
-        delivered = self._drain.sync(timeout)
+            self._unstage()
+            delivered = self._drain.sync_child_pipes(timeout)  # live children's pumps too
+        else:
+            delivered = self._drain.sync(timeout)
         if not delivered:
             _warn(f"safe_redirect: flush timed out after {timeout} s")
         return delivered
@@ -281,10 +283,12 @@ class Session:
                 self._uninstall_master(timeout)
 
     def _uninstall_master(self, timeout: float | None) -> None:
-        self._hooks.uninstall()
+        self._unhook()
         unexport(self._attach_info, self._previous_env)
         if self._fd is not None and not self._fd.stop(timeout):
             _warn(f"safe_redirect: the fd pump did not drain within {timeout} s")
+        if self._fd is not None and self._drain is not None:
+            self._drain.sync_child_pipes(timeout)  # what live children's pumps have not read yet
         # Children still writing detach at their next write, *then* the final drain: whatever
         # a child published before that is delivered; nothing is left unread in a lane.
         self._ring.segment.mark_closed()
@@ -292,9 +296,22 @@ class Session:
         delivered = self._drain.stop(timeout)
         self._final_stats = self.stats()
         self._finish()
-        stop_forkserver_started_since(self._forkserver_before)
         if not delivered:
             _warn(f"safe_redirect: final delivery timed out after {timeout} s")
+
+    def _unhook(self) -> None:
+        """Take the hooks off. fd mode: what the streams buffer reaches the terminal through
+        them first (after the hooks it would go into the pipe and be captured twice), and what
+        they staged goes into the lane."""
+        if self._fd is not None:
+            flush_python_streams()
+            self._unstage()
+        self._hooks.uninstall()
+
+    def _unstage(self) -> None:
+        producer = self._producer
+        if self._fd is not None and producer is not None:
+            producer.unstage()
 
     def _finish(self) -> None:
         self.state = State.UNINSTALLED
@@ -382,6 +399,28 @@ class Session:
     def _on_fork(self, hook: _ring.Hook) -> None:
         """Called by a hook at the first captured write of a new process."""
         self._become_child()
+        producer = self._producer
+        if self._mode != "fd" or hook.producer is producer:
+            return
+        if producer is not None and producer.generation != fork_generation():
+            return  # a write from inside the attach (another session's, say): not captured
+        # fd mode claimed the lane at fork (for the pipes); the hooks join it at their first
+        # write, where a wrap-mode child claims its lane: it takes the rank and name the
+        # process has by now, so that both modes tag a process alike
+        self.refresh_identity()
+        self._hooks.set_producer(producer)
+
+    def refresh_identity(self) -> None:
+        """A child's lane takes the rank and multiprocessing name the process has now (they
+        were set after the lane was claimed: by a launcher, by multiprocessing's bootstrap)."""
+        producer = self._producer
+        if self.state is not State.CHILD or producer is None:
+            return
+        if producer.generation != fork_generation():
+            return  # the lane of the process we were forked from
+        rank = detect_rank()
+        producer.set_identity(-1 if rank is None else rank,
+                              process_name().encode("utf-8", "replace")[:31])
 
     def _become_child(self) -> None:
         """Once per new process: re-aim the hooks and claim a lane. Threads that write while one
@@ -390,6 +429,8 @@ class Session:
         if self._child_generation == generation:
             return
         me = threading.get_ident()
+        if self._attaching.get(generation) == me:
+            return  # a hook's write from inside the attach: it goes uncaptured
         if self._attaching.setdefault(generation, me) != me:  # atomic under the GIL
             deadline = time.monotonic() + 5.0
             while self._child_generation != generation and time.monotonic() < deadline:
@@ -415,8 +456,9 @@ class Session:
             self._fd.abandon_in_child()
         fd = self._fd = FdCapture(self._hooks.streams, self._fd_lane, self._fd_lane_full,
                                      self._append_rest)
-        fd.open()
+        fd.open(flush=False)
         self._producer = self._claim_lane(fd.read_ends())
+        fd.feed(self._producer)
         fd.run()
         deadline = time.monotonic() + 0.1  # bounded: never block a child on its master
         while self._producer is not None and not self._producer.pipes_acked:
@@ -433,6 +475,7 @@ class Session:
         """Capture what this process's pipes hold; multiprocessing children call it at exit."""
         if self._fd is not None:
             self._fd.sync(timeout=1.0)
+            self._unstage()
 
     def _fd_lane(self) -> tuple[Producer | None, float]:
         """The fd pump's lane and how long the pump may wait for room in it (in C, without the
@@ -479,7 +522,7 @@ class Session:
         return None
 
     def _uninstall_in_child(self) -> None:
-        self._hooks.uninstall()
+        self._unhook()
         if self._fd is not None:
             self._fd.stop(timeout=1.0)
         if self._producer is not None:
@@ -601,6 +644,7 @@ def _finish_multiprocessing_children(session: Session) -> None:
     import multiprocessing.util
 
     def child_started(session: Session) -> None:
+        session.refresh_identity()  # the process has its name (and a torch spawn rank) now
         multiprocessing.util.Finalize(None, session._at_multiprocessing_child_exit,
                                       exitpriority=-100)
         register = getattr(threading, "_register_atexit", None)  # CPython 3.9+

@@ -9,6 +9,10 @@ the same way).
 
 The `.pth` is installed with the package's wheel; an editable install ships none, so `install()`
 writes it on first use where it is missing (`ensure_pth`).
+
+A multiprocessing forkserver is the exception: one long-lived process that forks the children of
+every later request, whatever session is current then (or none). It attaches to nothing; each
+request carries the requester's session (`_HandOver`) and the child attaches to that one.
 """
 
 from __future__ import annotations
@@ -19,10 +23,11 @@ import site
 import sys
 import sysconfig
 from dataclasses import asdict, dataclass
+from typing import Any
 
 __all__ = [
-    "ENV_VAR", "PATCH_VAR", "PTH_LINE", "PTH_NAME", "AttachInfo", "ensure_pth", "export",
-    "forkserver_pid", "stop_forkserver_started_since", "unexport",
+    "ENV_VAR", "HAND_OVER_KEY", "PATCH_VAR", "PTH_LINE", "PTH_NAME", "AttachInfo", "ensure_pth",
+    "export", "forkserver_pid", "hand_over_to_forkserver_children", "is_forkserver", "unexport",
 ]
 
 ENV_VAR = "SAFE_REDIRECT_ATTACH"
@@ -61,6 +66,7 @@ class AttachInfo:
 
 def export(info: AttachInfo) -> str | None:
     """Set the variable for processes spawned from now on; returns the value it replaced."""
+    hand_over_to_forkserver_children()
     previous = os.environ.get(ENV_VAR)
     os.environ[ENV_VAR] = info.encode()
     return previous
@@ -83,19 +89,76 @@ def forkserver_pid() -> int | None:
     return pid if isinstance(pid, int) else None
 
 
-def stop_forkserver_started_since(pid_before: int | None) -> None:
-    """A forkserver is one long-lived process, spawned with the environment of the moment it
-    starts: one started while a session was exported stays attached to that session, and the
-    children it forks for a later session would write into a segment that is gone. So the
-    session that started it stops it when it ends; the next user starts a fresh one.
-    (multiprocessing has no public way; its own tests call `_stop()`.)"""
-    pid_now = forkserver_pid()
-    if pid_now is None or pid_now == pid_before:
+#: How multiprocessing starts its forkserver: `python [flags] -c "...from multiprocessing.forkserver
+#: import main; main(...)" [args]` (3.11: the command starts so; 3.14: `import sys; ` comes first,
+#: and the parent's arguments follow the command).
+FORKSERVER_IMPORT = "from multiprocessing.forkserver import main"
+#: The key of the hand-over in the preparation data of a forkserver request.
+HAND_OVER_KEY = "safe_redirect_attach"
+#: What the forkserver's child runs as it unpickles its request. Plain source for `exec`, so that
+#: unpickling never fails: the forkserver may have been started where safe_redirect is not
+#: importable, and an exception there would kill the child before the user's target ran.
+_ADOPT_SOURCE = """\
+try:
+    from safe_redirect.bootstrap import adopt
+except ImportError:
+    pass
+else:
+    adopt(raw)
+"""
+
+
+def is_forkserver() -> bool:
+    """Whether this interpreter is a multiprocessing forkserver, known from its command line
+    (already set when a `.pth` runs: `sys.argv` is `["-c", ...]`, `sys.orig_argv` holds the
+    command)."""
+    argv: list[str] = getattr(sys, "argv", [])
+    orig_argv: list[str] = getattr(sys, "orig_argv", [])
+    if argv[:1] != ["-c"] or "-c" not in orig_argv[1:]:
+        return False
+    command = orig_argv.index("-c", 1) + 1
+    return command < len(orig_argv) and FORKSERVER_IMPORT in orig_argv[command]
+
+
+class _HandOver:
+    """Rides in the preparation data of each forkserver request: the requesting process's
+    SAFE_REDIRECT_ATTACH (None when no session is exported) at the moment of the request.
+
+    A forkserver is one long-lived process; it may have started before `install()`, or under a
+    session that has ended since. So it attaches to nothing itself, and each child it forks
+    decides by this value: unpickling the request (before `prepare()` and the user's target) runs
+    `bootstrap.adopt`. Spawn children get the same from their environment and are left alone."""
+
+    def __init__(self, raw: str | None) -> None:
+        self.raw = raw
+
+    def __reduce__(self) -> tuple[object, tuple[object, ...]]:
+        from multiprocessing.context import get_spawning_popen
+
+        if getattr(get_spawning_popen(), "method", None) != "forkserver":
+            return (type(None), ())
+        return (exec, (_ADOPT_SOURCE, {"raw": self.raw}))
+
+
+def hand_over_to_forkserver_children() -> None:
+    """From now on, every forkserver request of this process (and of its forks) carries the
+    session exported at that moment. Idempotent; stays for the life of the process, since a
+    forkserver outlives sessions. multiprocessing pickles `spawn.get_preparation_data(name)`
+    into each request (popen_forkserver._launch) and has no other hook."""
+    import multiprocessing.spawn as mp_spawn
+
+    original = mp_spawn.get_preparation_data
+    if getattr(original, "_safe_redirect_hand_over", False):
         return
-    server = sys.modules["multiprocessing.forkserver"]._forkserver
-    stop = getattr(server, "_stop", None)
-    if stop is not None:
-        stop()
+
+    def get_preparation_data(*args: Any, **kwargs: Any) -> dict[str, object]:
+        data: dict[str, object] = original(*args, **kwargs)
+        data[HAND_OVER_KEY] = _HandOver(os.environ.get(ENV_VAR))
+        return data
+
+    get_preparation_data._safe_redirect_hand_over = True  # type: ignore[attr-defined]
+    get_preparation_data.__wrapped__ = original  # type: ignore[attr-defined]
+    mp_spawn.get_preparation_data = get_preparation_data
 
 
 def _site_dirs() -> list[str]:

@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 
 from safe_redirect import _ring
-from safe_redirect.drain import MAX_PARTIAL_CHARS, Interleaver, LaneReader, Record, render_tag
+from safe_redirect.drain import (
+    JOIN_GAP_NS,
+    MAX_PARTIAL_CHARS,
+    Drain,
+    Interleaver,
+    LaneReader,
+    Record,
+    render_tag,
+)
+from safe_redirect.ring import Ring
+from safe_redirect.stamp import Stamp
 
 OUT, ERR = 0, 1
 
@@ -200,3 +211,77 @@ def test_a_flag_gap_ends_the_line_its_writer_had_open() -> None:
     assert [(x.text, x.continued) for x in records] == [("head of a line ", False),
                                                          ("next\n", False)]
     assert interleave(*records) == "[rank3] head of a line \n[rank3] next\n"
+
+
+# -- one order across lanes: a pass merges its lanes' records by time_ns
+
+def drain_of(nlanes: int = 4) -> tuple[Drain, list[Record], Ring]:
+    """A Drain over a real segment whose thread is not started: passes run on the caller."""
+    ring = Ring.create(Stamp.current(), nlanes=nlanes, lane_bytes=4096)
+    delivered: list[Record] = []
+    return Drain(ring, delivered.append, "[rank{rank}] ", master_lane=0), delivered, ring
+
+
+def at(t: int, text: str, pid: int) -> Record:
+    return Record("stdout", text, f"[pid{pid}] ", pid, None, t)
+
+
+def test_a_pass_merges_lanes_by_time_and_never_reorders_a_lane() -> None:
+    drain, delivered, ring = drain_of()
+    try:
+        a, b, c = object(), object(), object()  # three lanes' readers
+        # lane a's own order is kept although its second record began first (another thread's
+        # line that ended later): a merge, not a sort
+        drain._hand_over([at(10, "a1\n", 1), at(5, "a2\n", 1), at(30, "a3\n", 1)], a)
+        drain._hand_over([at(20, "b1\n", 2), at(40, "b2\n", 2)], b)
+        drain._hand_over([at(10, "c1\n", 3)], c)  # a tie: lanes handed over first go first
+        assert drain._deliver_in_order(None) is False
+        assert [r.text for r in delivered] == ["a1\n", "a2\n", "c1\n", "b1\n", "a3\n", "b2\n"]
+        assert drain.records_delivered == 6
+    finally:
+        ring.close()
+        ring.unlink()
+
+
+def test_records_stamped_after_a_pass_began_wait_for_the_next_pass_in_lane_order() -> None:
+    drain, delivered, ring = drain_of()
+    try:
+        a, b = object(), object()
+        drain._hand_over([at(10, "a1\n", 1), at(50, "a2\n", 1), at(20, "a3\n", 1)], a)
+        drain._hand_over([at(30, "b1\n", 2)], b)
+        assert drain._deliver_in_order(40) is True  # a2 and all after it in lane a wait
+        assert [r.text for r in delivered] == ["a1\n", "b1\n"]
+        drain._hand_over([at(45, "b2\n", 2)], b)  # read by the next pass
+        drain._hand_over([at(60, "a4\n", 1)], a)  # behind what lane a already holds
+        assert drain._deliver_in_order(100) is False
+        assert [r.text for r in delivered] == ["a1\n", "b1\n", "b2\n", "a2\n", "a3\n", "a4\n"]
+    finally:
+        ring.close()
+        ring.unlink()
+
+
+def test_a_pass_over_real_lanes_delivers_in_the_order_the_lines_were_written() -> None:
+    drain, delivered, ring = drain_of()
+    try:
+        seg = ring.segment
+        lanes = [seg.producer(seg.claim(pid, 1, rank)) for pid, rank in ((7, -1), (8, 1), (9, 2))]
+        order = [0, 1, 2, 2, 0, 1, 0, 2]  # the pass reads lane 0, then 1, then 2
+        for n, k in enumerate(order):
+            lanes[k].append(0, 0, f"line {n}\n".encode())
+            time.sleep(0.001)  # a pause: the writer's next line starts a Record of its own
+        drain.sync(timeout=None)  # no thread: one final pass on this thread
+        assert [r.text for r in delivered] == [f"line {n}\n" for n in range(len(order))]
+        assert [r.pid for r in delivered] == [(7, 8, 9)[k] for k in order]
+    finally:
+        ring.close()
+        ring.unlink()
+
+
+def test_a_writer_printing_without_a_pause_keeps_few_records() -> None:
+    r = reader()
+    t0 = 1_000_000
+    writes = [data(OUT, f"{i}\n".encode(), t=t0 + i * 1000) for i in range(100)]
+    writes.append(data(OUT, b"after a pause\n", t=t0 + 99_000 + JOIN_GAP_NS + 1))
+    out = r.feed(writes)
+    assert [(x.time_ns, x.text.count("\n")) for x in out] == [
+        (t0, 100), (t0 + 99_000 + JOIN_GAP_NS + 1, 1)]

@@ -24,8 +24,10 @@ SECTION = "Captured output of child processes call"
 RUNNERS = {"plain": (), "forked": ("--forked",), "xdist": ("-n", "2")}
 
 # pytest-forked 1.7.5 itself: its test process opens sys.stdout / sys.stderr on files that pytest's
-# capture then replaces without closing them (with or without safe_redirect)
-FORKED_UNCLOSED_FILES = (r"ignore:Exception ignored in. <_io.FileIO name='[^']*/std(out|err)'"
+# capture then replaces without closing them (with or without safe_redirect). Python 3.14 words
+# it "Exception ignored while finalizing file <...>", earlier ones "Exception ignored in: <...>".
+FORKED_UNCLOSED_FILES = (r"ignore:Exception ignored (in.|while finalizing file) "
+                         r"<_io.FileIO name='[^']*/std(out|err)'"
                          ":pytest.PytestUnraisableExceptionWarning")
 
 INI = f"""
@@ -314,8 +316,8 @@ SPAWNED = {"test_spawned": '''
         print(f"{name} err {n}", file=sys.stderr)
 
 
-    # forkserver twice: the second test needs a forkserver of its own (the first one's server
-    # was attached to the first test's capture)
+    # forkserver twice: the second test's children come from the forkserver started under the
+    # first test's capture
     @pytest.mark.parametrize("round", [1, 2])
     @pytest.mark.parametrize("method", ["spawn", "forkserver"])
     def test_multiprocessing_children(capmp, method, round):

@@ -529,7 +529,7 @@ def test_a_bad_configuration_is_refused_clearly() -> None:
         safe_redirect.install(streams=("stdin",))
     with pytest.raises(ValueError, match="lane_bytes"):
         safe_redirect.install(lane_bytes=5000)
-    with pytest.raises(KeyError):
+    with pytest.raises(ValueError, match="unknown field"):
         safe_redirect.install(tag="[{nope}] ")
     with pytest.raises(ValueError, match="mode"):
         safe_redirect.install(mode="tty")

@@ -6,9 +6,13 @@ wandb captures a run's console with `StreamRawWrapper` (console="wrap"), `Stream
 run on one safe_redirect session per process: every child's lines reach the run's callbacks in the
 master, tagged by rank, and no child ever runs a wandb callback.
 
-wandb's `Run.finish` marks the run finished *before* it stops the console hooks, and the wrap
-callback refuses data from then on; so `patch_wandb()` also makes `finish` deliver every lane
-first.
+wandb marks a run finished *before* it stops the console hooks, and the wrap callback refuses
+data from then on; so `patch_wandb()` also makes the method every ending of a run goes through
+deliver every lane first (see `_ending_method`).
+
+Callbacks run on the drain thread, and follow wandb's `console_capture` contract there: one that
+raises anything (a `KeyboardInterrupt` too) is a bug, and every callback of the capture is removed
+(see `_SharedCapture._callback_raised`).
 
 What the callbacks receive, terminal emulation per process and batches per drain pass, is
 `wandb_terminal`'s.
@@ -17,9 +21,11 @@ What the callbacks receive, terminal emulation per process and batches per drain
 from __future__ import annotations
 
 import logging
+import os
 import sys
+import threading
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, ClassVar
 
 from safe_redirect.drain import Record
 from safe_redirect.integrations.wandb_terminal import (
@@ -51,21 +57,36 @@ class _SharedCapture:
         self.callbacks: dict[str, list[Callback]] = {"stdout": [], "stderr": []}
         self.session: Session | None = None
         self.raw_log, self.emulated_log = RawLog(), EmulatedLog(LineScreen)
+        self._fds: dict[int, tuple[int, int]] = {}  # see _lost_fds
+        self._drain_thread = 0  # the thread _dispatch runs on, once it has run
 
     def add(self, stream: str, callback: Callback) -> None:
-        if self.session is None or not self.session.is_master:
+        if self.session is None or not self.session.is_master or self._lost_fds():
             # none yet, or one inherited from a parent: a child that starts a run of its own
             # (rank 0 calling wandb.init) captures for that run, and the parent's callbacks,
             # copied into this process by fork, are not its own
-            self.callbacks = {"stdout": [], "stderr": []}
+            if self.session is not None and self.session.is_master:
+                self.session.uninstall()  # its pipes are no longer on fds 1 and 2 (see below)
+            else:
+                self.callbacks = {"stdout": [], "stderr": []}
             self.raw_log, self.emulated_log = RawLog(), EmulatedLog(emulated_screen_factory())
+            self._drain_thread = 0  # the new session's: known at its first record
             self.session = install(on_output=self._dispatch, mode=self.mode,
                                    on_pass_end=self._pass_end)
+            self._fds = self._fd_identities()
+        elif threading.get_ident() != self._drain_thread:
+            self.flush()  # what was written before is not the new callback's (as with wandb's)
         self.callbacks[stream].append(callback)
 
     def remove(self, stream: str, callback: Callback) -> None:
-        if callback in self.callbacks[stream]:
+        """Deliver what was written so far, then take the callback off (as wandb's remover,
+        whose callbacks ran inside each write, leaves nothing undelivered)."""
+        if callback in self.callbacks[stream] and threading.get_ident() != self._drain_thread:
+            self.flush()  # not from a callback: the drain thread cannot wait for itself
+        try:
             self.callbacks[stream].remove(callback)
+        except ValueError:
+            pass  # not there (any more: a callback that raised took all of them off)
         if self.session is not None and not any(self.callbacks.values()):
             self.session.uninstall()
             self.session = None
@@ -74,7 +95,27 @@ class _SharedCapture:
         if self.session is not None:
             self.session.flush(timeout=10.0)
 
+    def _fd_identities(self) -> dict[int, tuple[int, int]]:
+        """fd mode: what fds 1 and 2 are right after install (our pipes)."""
+        if self.mode != "fd":
+            return {}
+        out = {}
+        for fd in (1, 2):
+            try:
+                info = os.fstat(fd)
+            except OSError:
+                continue
+            out[fd] = (info.st_dev, info.st_ino)
+        return out
+
+    def _lost_fds(self) -> bool:
+        """fd mode: somebody put other files on fds 1 / 2 since (pytest's capfd, a wandb
+        `Redirect` left installed by an earlier test): a new capture starts from what they are
+        now, as a new wandb `Redirect` would."""
+        return self._fd_identities() != self._fds
+
     def _dispatch(self, record: Record) -> None:
+        self._drain_thread = threading.get_ident()
         callbacks = self.callbacks.get(record.stream, ())
         if any(not _emulates(callback) for callback in callbacks):
             self.raw_log.feed(record)
@@ -82,6 +123,7 @@ class _SharedCapture:
             self.emulated_log.feed(record)
 
     def _pass_end(self, final: bool) -> None:
+        self._drain_thread = threading.get_ident()
         for emulated, log in ((False, self.raw_log), (True, self.emulated_log)):
             for stream, text in log.end_pass(final):
                 self._hand_on(stream, text, emulated)
@@ -92,8 +134,32 @@ class _SharedCapture:
                 continue
             try:
                 callback(text)
-            except Exception:
-                _logger.exception("error in a wandb console callback")
+            except BaseException as exc:  # wandb's contract: anything removes all
+                self._callback_raised(exc)
+                return
+
+    def _callback_raised(self, exc: BaseException) -> None:
+        """wandb's `console_capture` contract: a callback that raises anything is buggy, and
+        every callback is removed; an `Exception` is logged. wandb re-raises the others out of
+        the `write()` so as not to swallow a Ctrl-C that arrived while a callback ran on the
+        printing thread. Here callbacks run on the drain thread, where no signal ever arrives (a
+        Ctrl-C reaches the main thread untouched), and the `write()` returned long ago: the
+        exception is reported on stderr, the drain goes on, and nothing is raised into the
+        main thread at some unrelated point (its finish, its exit)."""
+        self.callbacks = {"stdout": [], "stderr": []}
+        if isinstance(exc, Exception):
+            _logger.exception("error in a wandb console callback: all of them removed")
+        else:
+            _report(f"safe_redirect: a wandb console callback raised {exc!r}: all of them "
+                    "removed")
+
+
+def _report(message: str) -> None:
+    """Straight to fd 2 of the master: never captured."""
+    try:
+        os.write(2, (message + "\n").encode("utf-8", "backslashreplace"))
+    except OSError:
+        pass
 
 
 def _emulates(callback: Callback) -> bool:
@@ -140,10 +206,27 @@ class _SafeRedirect:
         for callback in self.cbs:
             callback(data)
 
+    def _on_text(self, text: str) -> None:
+        """What the shared capture calls. wandb's classes log an Exception of their callbacks
+        and go on; anything else goes on to `_SharedCapture._callback_raised`."""
+        try:
+            self._deliver(text)
+        except Exception:
+            _logger.exception("error in a wandb %s callback", self.src)
+
     def install(self) -> None:
-        if not self._installed:
-            _captures[self.mode].add(self.src, self._deliver)
-            self._installed = True
+        if self._installed:
+            return
+        try:
+            _captures[self.mode].add(self.src, self._on_text)
+        except Exception:
+            if self.mode == "fd":
+                raise  # wandb's Run._redirect warns "Failed to redirect"
+            # wandb's wrap classes: console_capture.CannotCaptureConsoleError, logged and warned
+            _logger.exception("failed to install %s hooks", self.src)
+            _termwarn(f"Failed to wrap {self.src}. Console logs will not be captured.")
+            return
+        self._installed = True
 
     def flush(self, data: str | None = None) -> None:
         if data:
@@ -152,9 +235,17 @@ class _SafeRedirect:
 
     def uninstall(self) -> None:
         if self._installed:
-            _captures[self.mode].flush()
-            _captures[self.mode].remove(self.src, self._deliver)
+            _captures[self.mode].remove(self.src, self._on_text)  # delivers what is pending
             self._installed = False
+
+
+def _termwarn(message: str) -> None:
+    try:
+        import wandb
+
+        wandb.termwarn(message)
+    except Exception:
+        _report(f"wandb: WARNING {message}")
 
 
 class StreamRawWrapper(_SafeRedirect):
@@ -170,11 +261,25 @@ class StreamWrapper(_SafeRedirect):
 
 
 class Redirect(_SafeRedirect):
-    """console="redirect": fd-level capture (C extensions, os.system), without a pty."""
+    """console="redirect": fd-level capture (C extensions, os.system), without a pty. As with
+    wandb's, the last one installed for a stream wins: installing takes the previous one off."""
 
     mode = "fd"
     as_bytes = True
     emulates = True
+    _installed_by_stream: ClassVar[dict[str, Redirect]] = {}
+
+    def install(self) -> None:
+        current = self._installed_by_stream.get(self.src)
+        if current is not None and current is not self:
+            current.uninstall()
+        self._installed_by_stream[self.src] = self
+        super().install()
+
+    def uninstall(self) -> None:
+        super().uninstall()
+        if self._installed_by_stream.get(self.src) is self:
+            del self._installed_by_stream[self.src]
 
 
 class LegacyStreamWrapper(_SafeRedirect):
@@ -219,16 +324,30 @@ _LEGACY_REPLACEMENTS = {"StreamWrapper": LegacyStreamWrapper, "Redirect": Legacy
 _originals: dict[str, Any] = {}
 
 
-def _capture_function(stream: str) -> Callable[[Any], Callable[[], None]]:
+def _capture_function(console_capture: Any, stream: str) -> Callable[[Any], Callable[[], None]]:
     """console_capture.capture_stdout / capture_stderr on the shared session: `callback(text,
-    written)` runs in the master, on the drain thread; the return value removes it."""
+    written)` runs in the master, on the drain thread; the return value delivers what is pending
+    and removes it (idempotent). Raises `CannotCaptureConsoleError` as wandb's does: when
+    wandb's own patch failed at import, or ours cannot hook the stream."""
 
     def capture(callback: Any) -> Callable[[], None]:
         def deliver(text: str) -> None:
             callback(text, len(text))
 
-        _captures["wrap"].add(stream, deliver)
-        return lambda: _captures["wrap"].remove(stream, deliver)
+        getattr(console_capture, "_maybe_raise_patch_exception", lambda: None)()
+        try:
+            _captures["wrap"].add(stream, deliver)
+        except Exception as exc:
+            raise console_capture.CannotCaptureConsoleError() from exc
+        removed = False
+
+        def remove() -> None:
+            nonlocal removed
+            if not removed:
+                removed = True
+                _captures["wrap"].remove(stream, deliver)
+
+        return remove
 
     return capture
 
@@ -252,13 +371,24 @@ def _take_console_capture_off(console_capture: Any) -> None:
             stream.write = wrapped
     for name in ("capture_stdout", "capture_stderr"):
         _originals[f"console_capture.{name}"] = getattr(console_capture, name)
-        setattr(console_capture, name, _capture_function(name.rsplit("_", 1)[1]))
+        setattr(console_capture, name, _capture_function(console_capture,
+                                                         name.rsplit("_", 1)[1]))
+
+
+def _ending_method(run_class: Any) -> str:
+    """The method every ending of a run goes through. wandb 0.31: `Run.finish`, `Run.__exit__`
+    (the `with` block, an exception or a KeyboardInterrupt in it) and `wandb.finish()` all call
+    `Run._finish`, which marks the run finished before it stops the console. wandb 0.10 has only
+    `finish`. (An interpreter exit without either: the session's own atexit delivers, before
+    wandb's service, registered earlier, is torn down.)"""
+    return "_finish" if hasattr(run_class, "_finish") else "finish"
 
 
 def _flush_before_finish(finish: Callable[..., Any]) -> Callable[..., Any]:
     def finish_after_delivering(run: Any, *args: Any, **kwargs: Any) -> Any:
-        for capture in _captures.values():
-            capture.flush()  # while the run still accepts console data
+        if not getattr(run, "_is_finished", False):
+            for capture in _captures.values():
+                capture.flush()  # while the run still accepts console data
         return finish(run, *args, **kwargs)
 
     finish_after_delivering.__wrapped__ = finish  # type: ignore[attr-defined]
@@ -287,8 +417,9 @@ def patch_wandb() -> None:
     for name, replacement in _replacements(redirect).items():
         _originals[name] = getattr(redirect, name)
         setattr(redirect, name, replacement)
-    _originals["Run.finish"] = wandb_run.Run.finish
-    wandb_run.Run.finish = _flush_before_finish(wandb_run.Run.finish)  # type: ignore[method-assign]
+    ending = _ending_method(wandb_run.Run)
+    _originals[f"Run.{ending}"] = getattr(wandb_run.Run, ending)
+    setattr(wandb_run.Run, ending, _flush_before_finish(getattr(wandb_run.Run, ending)))
 
 
 def unpatch_wandb() -> None:
@@ -298,7 +429,8 @@ def unpatch_wandb() -> None:
     from wandb.sdk import wandb_run
     from wandb.sdk.lib import redirect
 
-    wandb_run.Run.finish = _originals.pop("Run.finish")  # type: ignore[method-assign]
+    ending = _ending_method(wandb_run.Run)
+    setattr(wandb_run.Run, ending, _originals.pop(f"Run.{ending}"))
     for name in _replacements(redirect):
         setattr(redirect, name, _originals.pop(name))
     for name in ("capture_stdout", "capture_stderr"):
