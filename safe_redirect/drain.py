@@ -256,8 +256,9 @@ class LaneReader:
 class Drain:
     """The drain thread of a master: `start()`, `sync(timeout)`, `stop(timeout)`.
 
-    `deliver(record)` is called on the drain thread only. `sync()` returns once every record that
-    was published before it was called has been delivered, partial lines included.
+    `deliver(record)` is called on the drain thread only, `pass_end(final)` there after each pass
+    over the lanes (`final`: a sync's pass). `sync()` returns once every record that was published
+    before it was called has been delivered, partial lines included.
     """
 
     #: while several lanes hold data, a pass takes about this much from each, and the next pass
@@ -283,11 +284,13 @@ class Drain:
 
     def __init__(self, ring: Ring, deliver: Callable[[Record], None], tag_template: str,
                  master_lane: int,
-                 recovered: Callable[[int, bytes], None] = lambda stream, data: None) -> None:
+                 recovered: Callable[[int, bytes], None] = lambda stream, data: None,
+                 pass_end: Callable[[bool], None] = lambda final: None) -> None:
         self._ring = ring
         self._segment = ring.segment
         self._deliver = deliver
         self._recovered = recovered
+        self._pass_end = pass_end  # after each pass: what it delivered can go on as a batch
         self._tag_template = tag_template
         self._master_lane = master_lane
         self._readers: dict[int, LaneReader] = {}
@@ -350,6 +353,7 @@ class Drain:
         fork_parking.resume_now()
         if self._thread is None or threading.get_ident() == self._thread.ident:
             self._pass(final=True)
+            self._pass_end(True)
             return True
         with self._cond:
             self._requested += 1
@@ -440,6 +444,7 @@ class Drain:
                     self._reap()
                     next_reap = self._next_reap = now + self.reap_interval
                 found, more, children = self._pass(final)
+                self._pass_end(final)
             except Exception as exc:  # a bug here must not kill capture for good
                 self.errors += 1
                 _report(f"safe_redirect: drain pass failed: {exc!r}")

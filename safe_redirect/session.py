@@ -49,6 +49,9 @@ __all__ = ["MODES", "OVERFLOW_POLICIES", "Session", "Stats", "install", "stats"]
 _PUMP_WAIT_ROOM = 0.05
 
 OnOutput = Callable[[Record], object]
+#: called after each drain pass that may have delivered records: its records can be handed on as
+#: one batch; `final` (a flush) when partial lines were delivered too
+OnPassEnd = Callable[[bool], object]
 
 
 class State(enum.Enum):
@@ -97,11 +100,15 @@ class Session:
     def __init__(self, on_output: OnOutput | None = None, *, mode: str = "wrap",
                  streams: Iterable[str] = ("stdout", "stderr"), tag: str = "[rank{rank}] ",
                  lanes: int = 64, lane_bytes: int = 1 << 20, overflow: str = "block",
-                 stall_timeout: float = 2.0, exit_timeout: float = 2.0) -> None:
+                 stall_timeout: float = 2.0, exit_timeout: float = 2.0,
+                 on_pass_end: OnPassEnd | None = None) -> None:
         streams = check_install_arguments(on_output, mode, streams, tag, lanes, lane_bytes,
                                           overflow, stall_timeout, exit_timeout)
+        if on_pass_end is not None and not callable(on_pass_end):
+            raise TypeError(f"on_pass_end must be a callable or None, not {on_pass_end!r}")
         self._configure(mode, streams, overflow, stall_timeout, exit_timeout)
         self._on_output = on_output
+        self._on_pass_end = on_pass_end
         watch_torch_xla()
         self._owner = Stamp.current()
         self._rank = detect_rank()
@@ -112,7 +119,8 @@ class Session:
             lane = self._ring.segment.claim(self._owner.pid, self._owner.start_us,
                                             -1 if self._rank is None else self._rank)
             self._producer: Producer | None = self._ring.segment.producer(lane)
-            self._drain = Drain(self._ring, self._deliver, tag, lane, self._tee_recovered)
+            self._drain = Drain(self._ring, self._deliver, tag, lane, self._tee_recovered,
+                                self._pass_end)
             self._drain.on_restart = self._hooks.skip_thread  # a new thread after a fork
             drain_ident = self._drain.start()
             if self._mode == "fd":
@@ -233,6 +241,17 @@ class Session:
             self._callback_errors += 1
             if self._callback_errors == 1:
                 _warn("safe_redirect: on_output raised (reported once; counted in "
+                      "stats().callback_errors):\n" + traceback.format_exc())
+
+    def _pass_end(self, final: bool) -> None:
+        if self._on_pass_end is None:
+            return
+        try:
+            self._on_pass_end(final)
+        except Exception:
+            self._callback_errors += 1
+            if self._callback_errors == 1:
+                _warn("safe_redirect: on_pass_end raised (reported once; counted in "
                       "stats().callback_errors):\n" + traceback.format_exc())
 
     def flush(self, timeout: float | None = 5.0) -> bool:
@@ -641,15 +660,17 @@ def _finish_multiprocessing_children(session: Session) -> None:
 def install(on_output: OnOutput | None = None, *, mode: str = "wrap",
             streams: Iterable[str] = ("stdout", "stderr"), tag: str = "[rank{rank}] ",
             lanes: int = 64, lane_bytes: int = 1 << 20, overflow: str = "block",
-            stall_timeout: float = 2.0, exit_timeout: float = 2.0) -> Session:
+            stall_timeout: float = 2.0, exit_timeout: float = 2.0,
+            on_pass_end: OnPassEnd | None = None) -> Session:
     """Capture this process's and every forked child's console output.
 
     `on_output(record)` runs in this process only, on one background thread, once per `Record`
     (one or more whole lines of one process and stream). The terminal keeps showing everything.
+    `on_pass_end(final)` runs on that thread after each pass over the lanes (a batch's end).
     """
     return Session(on_output, mode=mode, streams=streams, tag=tag, lanes=lanes,
                    lane_bytes=lane_bytes, overflow=overflow, stall_timeout=stall_timeout,
-                   exit_timeout=exit_timeout)
+                   exit_timeout=exit_timeout, on_pass_end=on_pass_end)
 
 
 def stats() -> Stats:

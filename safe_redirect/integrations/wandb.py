@@ -13,19 +13,28 @@ deliver every lane first (see `_ending_method`).
 Callbacks run on the drain thread, and follow wandb's `console_capture` contract there: one that
 raises anything (a `KeyboardInterrupt` too) is a bug, and every callback of the capture is removed
 (see `_SharedCapture._callback_raised`).
+
+What the callbacks receive, terminal emulation per process and batches per drain pass, is
+`wandb_terminal`'s.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import re
 import sys
 import threading
 from collections.abc import Callable, Iterable
 from typing import Any, ClassVar
 
-from safe_redirect.drain import Interleaver, Record
+from safe_redirect.drain import Record
+from safe_redirect.integrations.wandb_terminal import (
+    EmulatedLog,
+    LineScreen,
+    RawLog,
+    emulated_screen_factory,
+    faster_log_writer,
+)
 from safe_redirect.session import Session, install
 
 __all__ = [
@@ -40,13 +49,14 @@ Callback = Callable[[Any], Any]
 
 class _SharedCapture:
     """The one session of this process for a console mode, shared by a run's stdout and stderr
-    redirect objects; records go to the callbacks registered for their stream."""
+    redirect objects; records go to the callbacks registered for their stream, after each drain
+    pass: raw to wandb's raw callbacks, as a terminal shows them to its emulating classes'."""
 
     def __init__(self, mode: str) -> None:
         self.mode = mode
         self.callbacks: dict[str, list[Callback]] = {"stdout": [], "stderr": []}
         self.session: Session | None = None
-        self.interleaver = Interleaver(one_log=True)  # output.log
+        self.raw_log, self.emulated_log = RawLog(), EmulatedLog(LineScreen)
         self._fds: dict[int, tuple[int, int]] = {}  # see _lost_fds
         self._drain_thread = 0  # the thread _dispatch runs on, once it has run
 
@@ -59,9 +69,10 @@ class _SharedCapture:
                 self.session.uninstall()  # its pipes are no longer on fds 1 and 2 (see below)
             else:
                 self.callbacks = {"stdout": [], "stderr": []}
-            self.interleaver = Interleaver(one_log=True)  # output.log
+            self.raw_log, self.emulated_log = RawLog(), EmulatedLog(emulated_screen_factory())
             self._drain_thread = 0  # the new session's: known at its first record
-            self.session = install(on_output=self._dispatch, mode=self.mode)
+            self.session = install(on_output=self._dispatch, mode=self.mode,
+                                   on_pass_end=self._pass_end)
             self._fds = self._fd_identities()
         elif threading.get_ident() != self._drain_thread:
             self.flush()  # what was written before is not the new callback's (as with wandb's)
@@ -105,8 +116,22 @@ class _SharedCapture:
 
     def _dispatch(self, record: Record) -> None:
         self._drain_thread = threading.get_ident()
-        text = self.interleaver.render(record)
-        for callback in list(self.callbacks.get(record.stream, ())):
+        callbacks = self.callbacks.get(record.stream, ())
+        if any(not _emulates(callback) for callback in callbacks):
+            self.raw_log.feed(record)
+        if any(_emulates(callback) for callback in callbacks):
+            self.emulated_log.feed(record)
+
+    def _pass_end(self, final: bool) -> None:
+        self._drain_thread = threading.get_ident()
+        for emulated, log in ((False, self.raw_log), (True, self.emulated_log)):
+            for stream, text in log.end_pass(final):
+                self._hand_on(stream, text, emulated)
+
+    def _hand_on(self, stream: str, text: str, emulated: bool) -> None:
+        for callback in list(self.callbacks.get(stream, ())):
+            if _emulates(callback) != emulated:
+                continue
             try:
                 callback(text)
             except BaseException as exc:  # wandb's contract: anything removes all
@@ -137,39 +162,13 @@ def _report(message: str) -> None:
         pass
 
 
+def _emulates(callback: Callback) -> bool:
+    """Whether a callback takes the lines a terminal shows (those of wandb's emulating classes)
+    rather than raw text."""
+    return bool(getattr(getattr(callback, "__self__", None), "emulates", False))
+
+
 _captures = {mode: _SharedCapture(mode) for mode in ("wrap", "fd")}
-
-
-class _Screen:
-    """The lines a terminal shows for a text: what wandb's emulator gave the callbacks of
-    console="wrap_emu" and "redirect", whose records take `\\r` as a line break. A line goes out
-    once ended, as drawn after its `\\r` overwrites (a progress bar: its last state); the line
-    still being drawn waits. Cursor-moving escape sequences are passed through as text."""
-
-    def __init__(self) -> None:
-        self._line = ""  # the line being drawn
-        self._cursor = 0
-
-    def feed(self, text: str) -> str:
-        if not self._line and "\r" not in text and text.endswith("\n"):
-            return text  # whole plain lines: the common case, as they are
-        out = []
-        for piece in re.split("([\r\n])", text):
-            if piece == "\n":
-                out.append(self._line + "\n")
-                self._line, self._cursor = "", 0
-            elif piece == "\r":
-                self._cursor = 0
-            elif piece:
-                end = self._cursor + len(piece)
-                self._line = self._line[:self._cursor] + piece + self._line[end:]
-                self._cursor = end
-        return "".join(out)
-
-    def close(self) -> str:
-        """The line still being drawn, ended."""
-        return self.feed("\n") if self._line else ""
-
 
 
 class _SafeRedirect:
@@ -177,15 +176,15 @@ class _SafeRedirect:
 
     mode = "wrap"
     as_bytes = False  # what wandb's callbacks for this class take: str, or UTF-8 bytes
-    emulates = False  # whether wandb ran a terminal emulator before them (see _Screen)
+    #: whether wandb ran a terminal emulator before them: they take the lines it shows
+    emulates = False
 
     def __init__(self, src: str, cbs: Iterable[Callback] = (), **_options: Any) -> None:
         if src not in ("stdout", "stderr"):
             raise ValueError(f"src must be 'stdout' or 'stderr', not {src!r}")
         self.src = src
-        self.cbs = tuple(cbs)
+        self.cbs = tuple(faster_log_writer(cb) for cb in cbs) if self.emulates else tuple(cbs)
         self._installed = False
-        self._screen = _Screen() if self.emulates else None
 
     @property
     def src_stream(self) -> Any:
@@ -201,8 +200,6 @@ class _SafeRedirect:
         return getattr(sys, self.src)
 
     def _deliver(self, text: str) -> None:
-        if self._screen is not None:
-            text = self._screen.feed(text)
         if not text:
             return
         data = text.encode("utf-8") if self.as_bytes else text
@@ -240,8 +237,6 @@ class _SafeRedirect:
         if self._installed:
             _captures[self.mode].remove(self.src, self._on_text)  # delivers what is pending
             self._installed = False
-            if self._screen is not None:
-                self._deliver(self._screen.close())
 
 
 def _termwarn(message: str) -> None:
@@ -259,7 +254,7 @@ class StreamRawWrapper(_SafeRedirect):
 
 class StreamWrapper(_SafeRedirect):
     """console="wrap_emu": wandb ran a terminal emulator over the text: its callbacks take
-    whole lines as shown (see _Screen), as UTF-8 bytes."""
+    whole lines as shown (see wandb_terminal), as UTF-8 bytes."""
 
     as_bytes = True
     emulates = True
