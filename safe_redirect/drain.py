@@ -446,6 +446,8 @@ class Drain:
                 found, more, children = self._pass(final)
                 self._pass_end(final)
             except Exception as exc:  # a bug here must not kill capture for good
+                if self._segment.released:
+                    return  # stop() timed out (a callback too slow) and the segment went
                 self.errors += 1
                 _report(f"safe_redirect: drain pass failed: {exc!r}")
                 found = more = children = False
@@ -457,10 +459,15 @@ class Drain:
                 return
             if more:
                 continue
-            if found:
-                self._segment.pause(self.batch_pause if children else self.master_pause)
-            else:
-                self._segment.wait(self.idle_poll)
+            try:
+                if found:
+                    self._segment.pause(self.batch_pause if children else self.master_pause)
+                else:
+                    self._segment.wait(self.idle_poll)
+            except ValueError:
+                if self._segment.released:
+                    return  # as above: nothing is left to read
+                raise
 
     def _reader(self, lane: int) -> LaneReader | None:
         reader = self._readers.get(lane)

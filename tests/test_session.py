@@ -153,6 +153,30 @@ def test_forks_while_another_thread_is_inside_a_hooked_write_never_hang_or_go_si
     assert sorted(spoken) == sorted(f"child {i} speaks" for i in range(200))
 
 
+def test_a_callback_slower_than_uninstall_ends_its_thread_quietly(capfd) -> None:
+    """uninstall() gives up on a drain stuck in a callback and releases the segment: the drain
+    thread, when the callback returns, ends without a traceback or a "drain pass failed"."""
+    entered, release = threading.Event(), threading.Event()
+
+    def stuck(record: Record) -> None:
+        entered.set()
+        release.wait(30)
+
+    session = safe_redirect.install(on_output=stuck)
+    print("one line")
+    assert entered.wait(30)
+    drain = [t for t in threading.enumerate() if t.name == "safe_redirect-drain"]
+    print("another line")
+    session.uninstall(timeout=0.2)
+    release.set()
+    for thread in drain:
+        thread.join(30)
+        assert not thread.is_alive()
+    err = capfd.readouterr().err
+    assert "final delivery timed out" in err
+    assert "drain pass failed" not in err and "Traceback" not in err
+
+
 def test_a_failing_callback_never_reaches_print_and_is_reported_once(capfd) -> None:
     calls = []
 
