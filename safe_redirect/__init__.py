@@ -15,8 +15,8 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from safe_redirect.drain import Record
     from safe_redirect.launchers import set_thread_rank
+    from safe_redirect.record import Record
     from safe_redirect.session import (
         MODES,
         OVERFLOW_POLICIES,
@@ -33,7 +33,7 @@ __all__ = [
 __version__ = "0.1.0"
 
 _LAZY = {
-    "Record": "safe_redirect.drain",
+    "Record": "safe_redirect.record",
     "set_thread_rank": "safe_redirect.launchers",
     **dict.fromkeys(("MODES", "OVERFLOW_POLICIES", "Session", "Stats", "install", "stats"),
                     "safe_redirect.session"),

@@ -102,7 +102,7 @@ def _check_tag(tag: object) -> None:
         if base not in TAG_FIELDS:
             raise ValueError(f"tag {tag!r} uses an unknown field {{{field}}}: choose from "
                              f"{valid}")
-    for name in ("", "SpawnPoolWorker-1"):  # as tags are rendered (drain.render_tag)
+    for name in ("", "SpawnPoolWorker-1"):  # as tags are rendered (record.render_tag)
         try:
             tag.format(rank=0, pid=1, name=name)
         except (ValueError, TypeError, IndexError, KeyError, AttributeError) as exc:

@@ -9,7 +9,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from safe_redirect.drain import Record
+from safe_redirect.record import Record
 from safe_redirect.session import install
 
 __all__ = ["main"]

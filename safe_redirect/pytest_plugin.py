@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import pytest
 
 if TYPE_CHECKING:  # imported when a capture starts: loading the plugin stays cheap
-    from safe_redirect.drain import Record
+    from safe_redirect.record import Record
     from safe_redirect.session import Session
 
 __all__ = ["CaptureResult", "MultiProcessCapture", "capmp"]
@@ -72,7 +72,7 @@ class MultiProcessCapture:
     starts (fork, spawn, forkserver, `subprocess` python), children's lines tagged."""
 
     def __init__(self) -> None:
-        from safe_redirect.drain import Interleaver
+        from safe_redirect.record import Interleaver
 
         self.state = CaptureState.NEW
         self._session: Session | None = None  # from the fixture's setup to its teardown

@@ -27,7 +27,6 @@ import threading
 from collections.abc import Callable, Iterable
 from typing import Any, ClassVar
 
-from safe_redirect.drain import Record
 from safe_redirect.integrations.wandb_terminal import (
     EmulatedLog,
     LineScreen,
@@ -35,6 +34,7 @@ from safe_redirect.integrations.wandb_terminal import (
     emulated_screen_factory,
     faster_log_writer,
 )
+from safe_redirect.record import Record
 from safe_redirect.session import Session, install
 
 __all__ = [

@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from safe_redirect.drain import Record
+from safe_redirect.record import Record
 
 __all__ = ["EmulatedLog", "LineScreen", "RawLog", "Screen", "emulated_screen_factory"]
 
