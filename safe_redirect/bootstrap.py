@@ -111,7 +111,7 @@ def _leave_the_masters_pipes(raw: str) -> None:
     try:
         info = AttachInfo.decode(raw)
         if info.mode == "fd":
-            from safe_redirect.fdcapture import reopen_terminal
+            from safe_redirect.procfs import reopen_terminal
 
             reopen_terminal(info.master_pid, info.terminal_fds, info.streams)
     except Exception:

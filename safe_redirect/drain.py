@@ -11,11 +11,8 @@ decoder, and invalid bytes become U+FFFD instead of an exception. What it makes,
 from __future__ import annotations
 
 import codecs
-import fcntl
 import heapq
 import os
-import struct
-import termios
 import threading
 import time
 from collections.abc import Callable
@@ -23,7 +20,8 @@ from dataclasses import replace
 from operator import attrgetter
 
 from safe_redirect import _ring, fork_parking
-from safe_redirect.fdcapture import open_peer_pipe, read_available
+from safe_redirect.procfs import open_peer_pipe, read_available
+from safe_redirect.procfs import unread_bytes as _unread_bytes
 from safe_redirect.record import Interleaver, Record, render_tag  # the first two re-exported
 from safe_redirect.ring import STREAMS, Ring
 from safe_redirect.stamp import Stamp
@@ -518,15 +516,6 @@ class Drain:
 
 
 _time_ns = attrgetter("time_ns")
-
-
-def _unread_bytes(fd: int) -> int:
-    """How many bytes a pipe holds (0 once closed or not a pipe)."""
-    try:
-        unread: int = struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]
-    except OSError:
-        return 0
-    return unread
 
 
 def _report(message: str) -> None:

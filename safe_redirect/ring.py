@@ -19,10 +19,13 @@ from safe_redirect import _ring
 from safe_redirect._ring import Producer, Segment
 from safe_redirect.stamp import Stamp
 
-__all__ = ["STREAMS", "LaneInfo", "Producer", "Ring", "Segment", "sweep_orphaned_segments"]
+__all__ = ["STREAMS", "STREAM_FDS", "LaneInfo", "Producer", "Ring", "Segment",
+           "sweep_orphaned_segments"]
 
 # Stream numbers as stored in each record.
 STREAMS = ("stdout", "stderr")
+#: the fd each stream is
+STREAM_FDS = {"stdout": 1, "stderr": 2}
 
 _PREFIX = "safe_redirect-"
 # The head of the segment header (see _ring.c): magic, version, nlanes, lane_bytes, master stamp.

@@ -23,10 +23,11 @@ from typing import NoReturn
 from safe_redirect import _ring
 from safe_redirect.arguments import MODES, OVERFLOW_POLICIES, check_install_arguments
 from safe_redirect.drain import Drain
-from safe_redirect.fdcapture import FdCapture, reopen_terminal
+from safe_redirect.fdcapture import FdCapture
 from safe_redirect.hooks import HookState, StreamHooks, reaim_in_child
 from safe_redirect.hosts import uncaptured_in_kernel
 from safe_redirect.launchers import detect_rank, set_thread_rank, watch_torch_xla
+from safe_redirect.procfs import reopen_terminal
 from safe_redirect.record import Record
 from safe_redirect.ring import Producer, Ring, sweep_orphaned_segments
 from safe_redirect.spawn import (
