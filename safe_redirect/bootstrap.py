@@ -12,6 +12,8 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING
 
+from safe_redirect.diagnostics import warn
+
 if TYPE_CHECKING:
     from safe_redirect.session import Session
 
@@ -27,7 +29,7 @@ def _apply_patches(names: str) -> None:
 
     for name in filter(None, (n.strip() for n in names.split(","))):
         if name != "wandb":
-            os.write(2, f"safe_redirect: SAFE_REDIRECT_PATCH: unknown name {name!r}\n".encode())
+            warn(f"safe_redirect: SAFE_REDIRECT_PATCH: unknown name {name!r}")
             continue
 
         def patch(_module: object) -> None:
@@ -49,7 +51,7 @@ def process_startup() -> object | None:
         try:
             _apply_patches(os.environ[PATCH_VAR])
         except Exception as exc:
-            os.write(2, f"safe_redirect: {PATCH_VAR}: {exc!r}\n".encode())
+            warn(f"safe_redirect: {PATCH_VAR}: {exc!r}")
     if _attached is not None:
         return _attached
     raw = os.environ.get(ENV_VAR)
@@ -82,7 +84,7 @@ def adopt(raw: str | None) -> None:
         if raw and _attached is None:
             _attach(raw)
     except Exception as exc:
-        _say(f"safe_redirect: a forkserver child could not attach: {exc!r}")
+        warn(f"safe_redirect: a forkserver child could not attach: {exc!r}")
 
 
 def _attach(raw: str) -> Session | None:
@@ -97,7 +99,7 @@ def _attach(raw: str) -> Session | None:
     except OSError:
         return None  # the master uninstalled or died, or its terminal cannot be shared
     except Exception as exc:
-        _say(f"safe_redirect: could not attach to the master: {exc!r}")
+        warn(f"safe_redirect: could not attach to the master: {exc!r}")
         return None
     return _attached
 
@@ -124,11 +126,4 @@ def _import_for_children() -> None:
     try:
         import safe_redirect.session  # noqa: F401
     except Exception:
-        pass
-
-
-def _say(message: str) -> None:
-    try:
-        os.write(2, (message + "\n").encode())
-    except OSError:
         pass

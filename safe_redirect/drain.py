@@ -20,6 +20,7 @@ from dataclasses import replace
 from operator import attrgetter
 
 from safe_redirect import _ring, fork_parking
+from safe_redirect.diagnostics import warn
 from safe_redirect.procfs import open_peer_pipe, read_available
 from safe_redirect.procfs import unread_bytes as _unread_bytes
 from safe_redirect.record import Interleaver, Record, render_tag  # the first two re-exported
@@ -374,7 +375,7 @@ class Drain:
                 if self._segment.released:
                     return  # stop() timed out (a callback too slow) and the segment went
                 self.errors += 1
-                _report(f"safe_redirect: drain pass failed: {exc!r}")
+                warn(f"safe_redirect: drain pass failed: {exc!r}")
                 found = more = children = False
             if final:
                 with self._cond:
@@ -516,10 +517,3 @@ class Drain:
 
 
 _time_ns = attrgetter("time_ns")
-
-
-def _report(message: str) -> None:
-    try:
-        os.write(2, (message + "\n").encode())
-    except OSError:
-        pass

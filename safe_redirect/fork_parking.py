@@ -28,6 +28,8 @@ import threading
 import time
 from typing import Protocol
 
+from safe_redirect.diagnostics import warn
+
 __all__ = ["PARK_TIMEOUT", "Parkable", "register", "resume_now", "unregister"]
 
 #: how long all of our threads together may take to park before a fork, seconds
@@ -97,7 +99,7 @@ def _before_fork() -> None:
     try:
         _park_all()
     except Exception as exc:  # never let a fork handler raise into the user's fork
-        os.write(2, f"safe_redirect: parking our threads before fork failed: {exc!r}\n".encode())
+        warn(f"safe_redirect: parking our threads before fork failed: {exc!r}")
 
 
 def _park_all() -> None:
@@ -124,7 +126,7 @@ def _resume() -> None:
         try:
             owner.resume()
         except Exception as exc:  # never let a fork handler raise into the user's fork
-            os.write(2, f"safe_redirect: restarting a thread after fork failed: {exc!r}\n".encode())
+            warn(f"safe_redirect: restarting a thread after fork failed: {exc!r}")
 
 
 def resume_now() -> None:

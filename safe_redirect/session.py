@@ -22,6 +22,7 @@ from typing import NoReturn
 
 from safe_redirect import _ring
 from safe_redirect.arguments import MODES, OVERFLOW_POLICIES, check_install_arguments
+from safe_redirect.diagnostics import warn as _warn
 from safe_redirect.drain import Drain
 from safe_redirect.fdcapture import FdCapture
 from safe_redirect.hooks import HookState, StreamHooks, reaim_in_child
@@ -82,14 +83,6 @@ class Stats:
 
 
 _sessions: list[Session] = []
-
-
-def _warn(message: str) -> None:
-    """Straight to fd 2: never captured, never re-entering a hook."""
-    try:
-        os.write(2, (message.rstrip("\n") + "\n").encode("utf-8", "backslashreplace"))
-    except OSError:
-        pass
 
 
 class Session:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import psutil
 
 from safe_redirect import _ring
+from safe_redirect.diagnostics import warn
 
 __all__ = ["Stamp", "fork_generation", "on_fork_in_child", "process_name", "remove_fork_handler"]
 
@@ -88,7 +89,7 @@ def _run_child_handlers() -> None:
         try:
             handler()
         except Exception as exc:  # a fork handler must never break the child
-            os.write(2, f"safe_redirect: fork handler failed: {exc!r}\n".encode())
+            warn(f"safe_redirect: fork handler failed: {exc!r}")
 
 
 def on_fork_in_child(handler: Callable[[], None]) -> None:

@@ -27,6 +27,7 @@ import threading
 from collections.abc import Callable, Iterable
 from typing import Any, ClassVar
 
+from safe_redirect.diagnostics import warn
 from safe_redirect.integrations.wandb_terminal import (
     EmulatedLog,
     LineScreen,
@@ -150,16 +151,8 @@ class _SharedCapture:
         if isinstance(exc, Exception):
             _logger.exception("error in a wandb console callback: all of them removed")
         else:
-            _report(f"safe_redirect: a wandb console callback raised {exc!r}: all of them "
-                    "removed")
-
-
-def _report(message: str) -> None:
-    """Straight to fd 2 of the master: never captured."""
-    try:
-        os.write(2, (message + "\n").encode("utf-8", "backslashreplace"))
-    except OSError:
-        pass
+            warn(f"safe_redirect: a wandb console callback raised {exc!r}: all of them "
+                 "removed")
 
 
 def _emulates(callback: Callback) -> bool:
@@ -245,7 +238,7 @@ def _termwarn(message: str) -> None:
 
         wandb.termwarn(message)
     except Exception:
-        _report(f"wandb: WARNING {message}")
+        warn(f"wandb: WARNING {message}")
 
 
 class StreamRawWrapper(_SafeRedirect):
