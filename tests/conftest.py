@@ -71,6 +71,16 @@ def wait_pid(pid: int, timeout: float = 60.0) -> int:
     return code
 
 
+def wait_for(condition: Callable[[], object], timeout: float = 30.0, what: str = "") -> None:
+    """Poll `condition` until it holds: the way tests wait for something another thread or
+    process does (not a sleep that hopes it is done). Still false after `timeout`: a failure."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"waited {timeout} s for {what or condition}")
+        time.sleep(0.001)
+
+
 def run_python(code: str, timeout: float = 60.0, **kwargs: Any) -> subprocess.CompletedProcess[str]:
     """Run `code` in a fresh interpreter; a hang is a failure, not a wait."""
     try:

@@ -10,10 +10,11 @@ import threading
 import pytest
 
 import safe_redirect
-from safe_redirect import _ring, session
+
+from .internals import MAX_LANE_BYTES, MAX_LANES, MIN_LANE_BYTES, active_sessions
 
 TAG_FIELDS = ("{rank}", "{pid}", "{name}")
-LANE_BYTES = ("power of two", "4096", str(_ring.MAX_LANE_BYTES))
+LANE_BYTES = ("power of two", "4096", str(MAX_LANE_BYTES))
 SECONDS = ("finite number of seconds >= 0",)
 
 BAD = [  # (arguments, exception, what the message must name)
@@ -29,8 +30,8 @@ BAD = [  # (arguments, exception, what the message must name)
     ({"tag": "[{rank:{width}}] "}, ValueError, ("cannot be rendered",)),
     ({"tag": b"[{rank}] "}, TypeError, ("tag must be a str", *TAG_FIELDS)),
     ({"tag": None}, TypeError, ("tag must be a str",)),
-    ({"lanes": 0}, ValueError, ("lanes must be from 1 to", str(_ring.MAX_LANES))),
-    ({"lanes": _ring.MAX_LANES + 1}, ValueError, ("lanes must be from 1 to",)),
+    ({"lanes": 0}, ValueError, ("lanes must be from 1 to", str(MAX_LANES))),
+    ({"lanes": MAX_LANES + 1}, ValueError, ("lanes must be from 1 to",)),
     ({"lanes": -3}, ValueError, ("lanes must be from 1 to",)),
     ({"lanes": 8.0}, TypeError, ("lanes must be an int", "8.0 (float)")),
     ({"lanes": True}, TypeError, ("lanes must be an int", "True (bool)")),
@@ -38,7 +39,7 @@ BAD = [  # (arguments, exception, what the message must name)
     ({"lane_bytes": 5000}, ValueError, LANE_BYTES),
     ({"lane_bytes": 2048}, ValueError, LANE_BYTES),
     ({"lane_bytes": 0}, ValueError, LANE_BYTES),
-    ({"lane_bytes": _ring.MAX_LANE_BYTES * 2}, ValueError, LANE_BYTES),
+    ({"lane_bytes": MAX_LANE_BYTES * 2}, ValueError, LANE_BYTES),
     ({"lane_bytes": 65536.0}, TypeError, ("lane_bytes must be an int",)),
     ({"mode": "tty"}, ValueError, ("mode must be one of", "'wrap'", "'fd'")),
     ({"mode": "WRAP"}, ValueError, ("mode must be one of", "'wrap'", "'fd'")),
@@ -67,7 +68,7 @@ def _installed_state() -> tuple[object, ...]:
     segments = {n for n in os.listdir("/dev/shm") if n.startswith(prefix)}
     return (sys.stdout, sys.stderr, sys.stdout.write, sys.stderr.write,
             getattr(sys.stdout, "buffer", None) and sys.stdout.buffer.write,
-            os.environ.get("SAFE_REDIRECT_ATTACH"), list(session._sessions),
+            os.environ.get("SAFE_REDIRECT_ATTACH"), active_sessions(),
             threading.active_count(), segments, os.fstat(1).st_ino, os.fstat(2).st_ino)
 
 
@@ -89,7 +90,7 @@ def test_a_bad_argument_fails_at_install_naming_the_choices_and_leaves_nothing(
 def test_the_edges_of_what_is_valid_are_accepted() -> None:
     records: list[safe_redirect.Record] = []
     with safe_redirect.install(records.append, streams=iter(["stderr"]), lanes=1,
-                               lane_bytes=_ring.MIN_LANE_BYTES, stall_timeout=0,
+                               lane_bytes=MIN_LANE_BYTES, stall_timeout=0,
                                exit_timeout=0.0, tag="{{{rank:>3}}} {pid!r} {name} ") as s:
         print("to stderr", file=sys.stderr)
         assert s.flush(timeout=10)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 from dataclasses import replace
 
-from safe_redirect import _ring
 from safe_redirect.drain import (
     JOIN_GAP_NS,
     MAX_PARTIAL_CHARS,
@@ -17,6 +16,8 @@ from safe_redirect.drain import (
 )
 from safe_redirect.ring import Ring
 from safe_redirect.stamp import Stamp
+
+from .internals import FLAG_FLUSH, FLAG_GAP, end_pass, queue_for_pass
 
 OUT, ERR = 0, 1
 
@@ -33,7 +34,7 @@ def data(stream: int, payload: bytes, t: int = 1, thread: int = 1, rank: int = -
 
 
 def flush(stream: int, thread: int = 1) -> Raw:
-    return (stream, _ring.FLAG_FLUSH, 9, b"", thread, -1)
+    return (stream, FLAG_FLUSH, 9, b"", thread, -1)
 
 
 def texts(records: list[Record]) -> list[tuple[str, str]]:
@@ -206,7 +207,7 @@ def test_a_line_cut_short_is_not_joined_by_its_writers_next_line() -> None:
 
 def test_a_flag_gap_ends_the_line_its_writer_had_open() -> None:
     r = reader()
-    gap = (OUT, _ring.FLAG_GAP, 5, b"next\n", 1, -1)
+    gap = (OUT, FLAG_GAP, 5, b"next\n", 1, -1)
     records = r.feed([data(OUT, b"head of a line "), gap])
     assert [(x.text, x.continued) for x in records] == [("head of a line ", False),
                                                          ("next\n", False)]
@@ -232,10 +233,10 @@ def test_a_pass_merges_lanes_by_time_and_never_reorders_a_lane() -> None:
         a, b, c = object(), object(), object()  # three lanes' readers
         # lane a's own order is kept although its second record began first (another thread's
         # line that ended later): a merge, not a sort
-        drain._hand_over([at(10, "a1\n", 1), at(5, "a2\n", 1), at(30, "a3\n", 1)], a)
-        drain._hand_over([at(20, "b1\n", 2), at(40, "b2\n", 2)], b)
-        drain._hand_over([at(10, "c1\n", 3)], c)  # a tie: lanes handed over first go first
-        assert drain._deliver_in_order(None) is False
+        queue_for_pass(drain, [at(10, "a1\n", 1), at(5, "a2\n", 1), at(30, "a3\n", 1)], a)
+        queue_for_pass(drain, [at(20, "b1\n", 2), at(40, "b2\n", 2)], b)
+        queue_for_pass(drain, [at(10, "c1\n", 3)], c)  # a tie: lanes handed over first go first
+        assert end_pass(drain, None) is False
         assert [r.text for r in delivered] == ["a1\n", "a2\n", "c1\n", "b1\n", "a3\n", "b2\n"]
         assert drain.records_delivered == 6
     finally:
@@ -247,13 +248,13 @@ def test_records_stamped_after_a_pass_began_wait_for_the_next_pass_in_lane_order
     drain, delivered, ring = drain_of()
     try:
         a, b = object(), object()
-        drain._hand_over([at(10, "a1\n", 1), at(50, "a2\n", 1), at(20, "a3\n", 1)], a)
-        drain._hand_over([at(30, "b1\n", 2)], b)
-        assert drain._deliver_in_order(40) is True  # a2 and all after it in lane a wait
+        queue_for_pass(drain, [at(10, "a1\n", 1), at(50, "a2\n", 1), at(20, "a3\n", 1)], a)
+        queue_for_pass(drain, [at(30, "b1\n", 2)], b)
+        assert end_pass(drain, 40) is True  # a2 and all after it in lane a wait
         assert [r.text for r in delivered] == ["a1\n", "b1\n"]
-        drain._hand_over([at(45, "b2\n", 2)], b)  # read by the next pass
-        drain._hand_over([at(60, "a4\n", 1)], a)  # behind what lane a already holds
-        assert drain._deliver_in_order(100) is False
+        queue_for_pass(drain, [at(45, "b2\n", 2)], b)  # read by the next pass
+        queue_for_pass(drain, [at(60, "a4\n", 1)], a)  # behind what lane a already holds
+        assert end_pass(drain, 100) is False
         assert [r.text for r in delivered] == ["a1\n", "b1\n", "b2\n", "a2\n", "a3\n", "a4\n"]
     finally:
         ring.close()
@@ -268,7 +269,7 @@ def test_a_pass_over_real_lanes_delivers_in_the_order_the_lines_were_written() -
         order = [0, 1, 2, 2, 0, 1, 0, 2]  # the pass reads lane 0, then 1, then 2
         for n, k in enumerate(order):
             lanes[k].append(0, 0, f"line {n}\n".encode())
-            time.sleep(0.001)  # a pause: the writer's next line starts a Record of its own
+            time.sleep(0.001)  # the behaviour: a pause, so the writer's next line starts a Record
         drain.sync(timeout=None)  # no thread: one final pass on this thread
         assert [r.text for r in delivered] == [f"line {n}\n" for n in range(len(order))]
         assert [r.pid for r in delivered] == [(7, 8, 9)[k] for k in order]

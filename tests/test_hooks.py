@@ -13,6 +13,7 @@ import pytest
 import safe_redirect
 from safe_redirect import Record
 
+from . import internals
 from .conftest import fork_call, lines_by_origin, wait_pid
 
 
@@ -46,7 +47,8 @@ class ForeignWriter:
 def foreign() -> Iterator[ForeignWriter]:
     writer = ForeignWriter()
     yield writer
-    if not isinstance(vars(sys.stdout).get("write", None), safe_redirect._ring.Hook | None):
+    write = vars(sys.stdout).get("write", None)
+    if write is not None and not internals.is_hook(write):
         del sys.stdout.write
 
 

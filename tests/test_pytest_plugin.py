@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from . import internals
+
 pytest_plugins = ["pytester"]
 
 SECTION = "Captured output of child processes call"
@@ -119,8 +121,7 @@ import os
 
 import pytest
 
-import safe_redirect._ring
-import safe_redirect.session
+import internals
 from helpers import log_run
 
 
@@ -141,8 +142,8 @@ def pytest_runtest_teardown(item):
     shm = f"safe_redirect-{os.getpid()}-"
     assert not [name for name in os.listdir("/dev/shm") if name.startswith(shm)]
     assert "SAFE_REDIRECT_ATTACH" not in os.environ
-    assert safe_redirect.session._sessions == []
-    assert safe_redirect.hooks._stacks == {}
+    assert internals.active_sessions() == []
+    assert internals.hook_patches() == {}
     return result
 '''
 
@@ -151,7 +152,8 @@ def pytest_runtest_teardown(item):
 def inner(pytester: pytest.Pytester) -> Callable[..., pytest.RunResult]:
     """Write test files next to the shared helpers; run pytest on them in a subprocess, bounded."""
     pytester.makefile(".ini", pytest=INI)
-    pytester.makepyfile(helpers=HELPERS, conftest=CONFTEST)
+    pytester.makepyfile(helpers=HELPERS, conftest=CONFTEST,
+                        internals=Path(internals.__file__).read_text())
 
     def run(files: dict[str, str], *args: str) -> pytest.RunResult:
         pytester.makepyfile(**{name: textwrap.dedent(code) for name, code in files.items()})
@@ -388,7 +390,7 @@ KILLED = {"test_killed": '''
                 print("doomed err", file=sys.stderr)
                 print("a last line without its end", end="")
                 os.write(ready_w, b"1")
-                time.sleep(60)
+                time.sleep(60)  # alive until the test kills it
             finally:
                 os._exit(1)
         assert os.read(ready_r, 1) == b"1"
@@ -611,16 +613,15 @@ UNUSED = {"test_unused": '''
     import os
     import sys
 
-    import safe_redirect._ring
-    import safe_redirect.session
+    import internals
     from helpers import fork_children
 
 
     def test_a_test_without_capmp_runs_as_without_the_plugin(capfd):
         assert "SAFE_REDIRECT_ATTACH" not in os.environ
-        assert safe_redirect.session._sessions == []
+        assert internals.active_sessions() == []
         for stream in (sys.stdout, sys.stderr, sys.stdout.buffer, sys.stderr.buffer):
-            assert not [v for v in vars(stream).values() if isinstance(v, safe_redirect._ring.Hook)]
+            assert not [v for v in vars(stream).values() if internals.is_hook(v)]
         fork_children(1, lambda k: print("plain child"))
         assert capfd.readouterr() == ("plain child\\n", "")
 '''}

@@ -14,11 +14,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from safe_redirect import _ring
-from safe_redirect.ring import Ring, sweep_orphaned_segments
+from safe_redirect.ring import Producer, Ring, Segment, sweep_orphaned_segments
 from safe_redirect.stamp import Stamp
 
-from .conftest import fork_call, wait_pid
+from . import internals
+from .conftest import fork_call, wait_for, wait_pid
 
 
 @pytest.fixture
@@ -29,7 +29,7 @@ def ring() -> Iterator[Ring]:
     ring.unlink()
 
 
-def claim(ring: Ring, pid: int = 0) -> _ring.Producer:
+def claim(ring: Ring, pid: int = 0) -> Producer:
     lane = ring.segment.claim(pid or os.getpid(), 1, -1)
     assert lane >= 0
     return ring.segment.producer(lane)
@@ -59,10 +59,11 @@ def test_records_round_trip_joined_per_stream(ring: Ring) -> None:
     assert p.append(0, 0, b"hello ") == 6
     assert p.append(0, 0, b"world\n") == 6
     assert p.append(1, 0, b"oops\n") == 5
-    assert p.append(0, _ring.FLAG_FLUSH, b"") == 0
+    assert p.append(0, internals.FLAG_FLUSH, b"") == 0
     assert p.append(0, 0, b"tail") == 4
     assert read_all(ring, p.lane) == [
-        (0, 0, b"hello world\n"), (1, 0, b"oops\n"), (0, _ring.FLAG_FLUSH, b""), (0, 0, b"tail")]
+        (0, 0, b"hello world\n"), (1, 0, b"oops\n"), (0, internals.FLAG_FLUSH, b""),
+        (0, 0, b"tail")]
     assert ring.segment.read(p.lane, 1 << 62) == []
 
 
@@ -183,12 +184,12 @@ def test_a_producer_process_and_a_consumer_agree_byte_for_byte() -> None:
 
 def test_wait_returns_when_a_producer_publishes(ring: Ring) -> None:
     p = claim(ring)
-    thread, woke = timed_in_thread(lambda: ring.segment.wait(10.0))
-    time.sleep(0.2)
+    thread, woke = timed_in_thread(lambda: ring.segment.wait(60.0))
+    wait_for(lambda: internals.drain_waits_on_doorbell(ring), what="the consumer to sleep")
     p.append(0, 0, b"ding\n")
-    thread.join(5)
-    assert not thread.is_alive()
-    assert 0.15 < woke[0][1] < 5.0
+    thread.join(30)
+    assert not thread.is_alive()  # woken: not the 60 s timeout
+    assert woke[0][0] is False  # it slept: no data was waiting when it began
     assert ring.segment.wait(0.0) is True  # data waiting: no sleep at all
 
 
@@ -211,7 +212,7 @@ def test_attach_by_name_sees_the_same_lanes(ring: Ring) -> None:
 
 def test_garbage_is_not_a_segment() -> None:
     with pytest.raises(ValueError, match="not a safe_redirect segment"):
-        _ring.Segment(bytearray(4096))
+        Segment(bytearray(4096))
 
 
 @settings(max_examples=200, deadline=None)
@@ -243,13 +244,14 @@ def test_a_producer_waiting_for_room_wakes_when_the_consumer_reads(ring: Ring) -
     while p.append(0, 0, b"f" * 500) == 500:
         pass
     assert p.wait_space(600, 0.01) is False  # full, and nobody reads
-    thread, woke = timed_in_thread(lambda: p.wait_space(600, 10.0))
-    time.sleep(0.2)
+    thread, woke = timed_in_thread(lambda: p.wait_space(600, 60.0))
+    wait_for(lambda: internals.producer_waits_for_room(ring, p.lane),
+             what="the producer to sleep")
+    assert thread.is_alive()
     ring.segment.read(p.lane, 1 << 62)
-    thread.join(5)
-    assert not thread.is_alive()
-    room, waited = woke[0]
-    assert room and 0.15 < waited < 5.0
+    thread.join(30)
+    assert not thread.is_alive()  # woken: not the 60 s timeout
+    assert woke[0][0] is True
 
 
 def test_segments_of_a_master_that_died_are_swept_and_live_ones_kept() -> None:
@@ -278,10 +280,13 @@ def test_a_producer_out_of_room_cuts_the_consumers_pause_short(ring: Ring) -> No
     p = claim(ring)
     while p.append(0, 0, b"f") == 1:  # full to the last record's worth
         pass
-    thread, paused = timed_in_thread(lambda: ring.segment.pause(10.0))
-    time.sleep(0.2)
+    thread, _ = timed_in_thread(lambda: ring.segment.pause(60.0))
+    wait_for(lambda: thread.native_id is not None
+             and internals.asleep_on_doorbell(ring, thread.native_id),
+             what="the consumer to pause on the doorbell")
+    rung = internals.doorbell_rings(ring)
     assert p.append(0, 0, b"ordinary write\n") == 0  # full: an ordinary write rings nothing
-    assert thread.is_alive()
+    assert internals.doorbell_rings(ring) == rung and thread.is_alive()
     p.wait_space(600, 0.01)  # out of room: it rings the bell
-    thread.join(5)
-    assert not thread.is_alive() and paused[0][1] < 5.0
+    thread.join(30)
+    assert not thread.is_alive()  # cut short: not the 60 s pause

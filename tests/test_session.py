@@ -14,12 +14,14 @@ import pytest
 import safe_redirect
 from safe_redirect import Record
 
+from . import internals
 from .conftest import (
     fork_call,
     lines_by_origin,
     run_all,
     run_python,
     seconds_a_child_writes_after_uninstall,
+    wait_for,
     wait_pid,
 )
 
@@ -34,21 +36,21 @@ def _numbered_lines(rank: int, count: int) -> None:
 
 
 @pytest.mark.timeout(180)
-def test_eight_children_ten_thousand_lines_each_arrive_once_in_order_tagged(capture) -> None:
-    session, records = capture
+def test_eight_children_ten_thousand_lines_each_arrive_once_in_order_tagged() -> None:
+    records: list[Record] = []
     callback_pids: set[int] = set()
-    original = records.append
 
-    def on_output(record: Record) -> None:
+    def on_output(record: Record) -> None:  # also notes which process runs the callback
         callback_pids.add(os.getpid())
-        original(record)
+        records.append(record)
 
-    session._on_output = on_output  # same list, also noting which process runs the callback
-    print("master before")
-    children = run_all([FORK.Process(target=_numbered_lines, args=(r, 10_000)) for r in range(8)],
-                       timeout=120)
-    print("master after")
-    assert session.flush(timeout=60)
+    with safe_redirect.install(on_output=on_output) as session:
+        print("master before")
+        children = run_all([FORK.Process(target=_numbered_lines, args=(r, 10_000))
+                            for r in range(8)], timeout=120)
+        print("master after")
+        assert session.flush(timeout=60)
+        lanes_reclaimed = session.stats().lanes_reclaimed
 
     by_origin = lines_by_origin(records)
     for rank, child in enumerate(children):
@@ -60,7 +62,7 @@ def test_eight_children_ten_thousand_lines_each_arrive_once_in_order_tagged(capt
     assert by_origin[(os.getpid(), "stdout")] == ["master before", "master after"]
     assert {r.tag for r in records if r.pid == os.getpid()} == {""}
     assert callback_pids == {os.getpid()}
-    assert session.stats().lanes_reclaimed >= 8
+    assert lanes_reclaimed >= 8
 
 
 def test_os_fork_children_and_grandchildren_are_captured(capture) -> None:
@@ -202,7 +204,7 @@ def test_uninstall_restores_the_streams_and_is_idempotent() -> None:
     before = {k: dict(vars(s)) for k, s in (("out", out), ("err", err))}
     records: list[Record] = []
     session = safe_redirect.install(on_output=records.append)
-    assert isinstance(vars(out)["write"], safe_redirect._ring.Hook)
+    assert internals.is_hook(vars(out)["write"])
     print("captured")
     session.uninstall()
     session.uninstall()
@@ -227,7 +229,7 @@ def test_a_hook_someone_wrapped_stays_as_a_pass_through() -> None:
         session.uninstall()
         print("still works")
         assert "still works" in seen
-        assert inner.producer is None
+        assert not internals.hook_feeds_a_lane(inner)
     finally:
         del sys.stdout.write
 
@@ -361,7 +363,7 @@ def test_block_policy_slows_writers_down_and_loses_nothing() -> None:
     records: list[Record] = []
 
     def slow(record: Record) -> None:
-        time.sleep(0.0005)
+        time.sleep(0.0005)  # the behaviour under test: a master slower than its writer
         records.append(record)
 
     with safe_redirect.install(on_output=slow, lane_bytes=4096, overflow="block") as session:
@@ -432,7 +434,8 @@ def test_children_of_a_killed_master_fall_back_to_their_terminal(tmp_path) -> No
     script = f"""
         import os, signal, sys, time
         import safe_redirect
-        safe_redirect.install(on_output=lambda r: time.sleep(60), lane_bytes=4096)
+        # a master stuck in its callback: it never reads again
+        session = safe_redirect.install(on_output=lambda r: time.sleep(60), lane_bytes=4096)
         print("master pid", os.getpid(), file=sys.stderr)
         pid = os.fork()
         if pid == 0:
@@ -440,15 +443,16 @@ def test_children_of_a_killed_master_fall_back_to_their_terminal(tmp_path) -> No
                 print("orphan line", i)
             open({str(done)!r}, "w").write("ok")
             os._exit(0)
-        time.sleep(0.2)
+        deadline = time.monotonic() + 30
+        while session.stats().stalls < 1:  # until the child waits for room in its full lane
+            if time.monotonic() > deadline:
+                sys.exit("the child never filled its lane")
+            time.sleep(0.001)
         os.kill(os.getpid(), signal.SIGKILL)
     """
     result = run_python(script, timeout=60)
-    assert result.returncode == -signal.SIGKILL
-    deadline = time.monotonic() + 30
-    while not done.exists():
-        assert time.monotonic() < deadline, "the orphaned child blocked"
-        time.sleep(0.05)
+    assert result.returncode == -signal.SIGKILL, result.stderr
+    wait_for(done.exists, 30, "the orphaned child to finish (did it block?)")
     assert done.read_text() == "ok"
     assert "orphan line 19999" in result.stdout  # it kept writing to its terminal
     master_pid = int(result.stderr.split("master pid ")[1].split()[0])
@@ -511,13 +515,15 @@ def test_the_terminal_shows_what_it_showed_without_safe_redirect() -> None:
 def test_children_beyond_the_lane_count_fall_back_and_are_counted(capfd) -> None:
     records: list[Record] = []
     release_r, release_w = os.pipe()
+    ready_r, ready_w = os.pipe()
     with safe_redirect.install(on_output=records.append, lanes=3) as session:
         def child(i: int) -> None:
-            print(f"child {i}")
+            print(f"child {i}")  # into a lane, or to the terminal once no lane was free
+            os.write(ready_w, b"1")
             os.read(release_r, 1)
 
         pids = [fork_call(child, i) for i in range(4)]  # the master holds one of the 3 lanes
-        time.sleep(1.0)
+        assert b"".join(os.read(ready_r, 1) for _ in pids) == b"1111"  # all printed, none left
         os.write(release_w, b"1111")
         assert all(wait_pid(pid, 60) == 0 for pid in pids)
         assert session.flush(timeout=30)
@@ -525,8 +531,8 @@ def test_children_beyond_the_lane_count_fall_back_and_are_counted(capfd) -> None
     delivered = [r.text for r in records if r.pid != os.getpid()]
     assert len(delivered) == 2 and stats.lane_misses >= 1
     assert "no free lane" in capfd.readouterr().err
-    os.close(release_r)
-    os.close(release_w)
+    for fd in (release_r, release_w, ready_r, ready_w):
+        os.close(fd)
 
 
 def test_lanes_of_exited_children_are_reused() -> None:
@@ -534,11 +540,8 @@ def test_lanes_of_exited_children_are_reused() -> None:
     with safe_redirect.install(on_output=records.append, lanes=2) as small:
         for i in range(20):  # one child lane, reclaimed after each child exits
             assert wait_pid(fork_call(lambda i=i: print(f"serial child {i}")), 30) == 0
-            deadline = time.monotonic() + 10
-            while len(small._ring.segment.busy_lanes()) > 1:
-                assert time.monotonic() < deadline, "lane not reclaimed"
-                small._ring.segment.wake()
-                time.sleep(0.01)
+            # the drain frees the lane of an exited child by itself (every reap interval)
+            wait_for(lambda: small.stats().lanes_in_use == 1, 10, "the lane to be reclaimed")
         assert small.flush(timeout=10)
         stats = small.stats()
     assert sorted(r.text for r in records if r.pid != os.getpid()) == sorted(
@@ -593,22 +596,24 @@ def test_signals_kill_children_mid_write_without_losing_earlier_lines(capture) -
 
 def test_at_exit_an_idle_child_does_not_hold_the_master_up() -> None:
     script = """
-        import os, sys, time
+        import os, sys
         import safe_redirect
         safe_redirect.install(on_output=lambda r: None, exit_timeout=20)
         r, w = os.pipe()
+        ready_r, ready_w = os.pipe()
         pid = os.fork()
         if pid == 0:  # an idle pool worker: alive and silent until the master is gone
             os.close(w)
-            print("idle worker ready")
+            print("idle worker ready")  # it holds a lane from here on
             sys.stdout.flush()
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, 1)
             os.dup2(devnull, 2)
+            os.write(ready_w, b"1")
             os.read(r, 1)
             os._exit(0)
         os.close(r)
-        time.sleep(0.3)
+        os.read(ready_r, 1)
     """
     t0 = time.monotonic()
     result = run_python(script, timeout=60)
@@ -624,12 +629,15 @@ def test_at_exit_children_still_printing_are_waited_for(tmp_path) -> None:
         import safe_redirect
         log = open({str(log)!r}, "w")
         safe_redirect.install(on_output=lambda r: (log.write(r.text), log.flush()))
+        ready_r, ready_w = os.pipe()
         if os.fork() == 0:
             for i in range(40):
                 print(f"late child line {{i}}")
-                time.sleep(0.01)
+                if i == 0:
+                    os.write(ready_w, b"1")
+                time.sleep(0.01)  # the behaviour under test: a child that prints slowly
             os._exit(0)
-        time.sleep(0.05)  # the master ends while its child still prints, without joining it
+        os.read(ready_r, 1)  # the master ends while its child still prints, without joining it
     """
     result = run_python(script, timeout=60)
     assert result.returncode == 0, result.stderr

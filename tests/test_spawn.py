@@ -15,6 +15,7 @@ import pytest
 import safe_redirect
 from safe_redirect import Record, spawn
 
+from . import internals
 from .conftest import lines_by_origin, run_all
 
 
@@ -119,7 +120,7 @@ def test_processes_spawned_after_uninstall_run_uncaptured() -> None:
     records: list[Record] = []
     with safe_redirect.install(on_output=records.append) as session:
         assert spawn.ENV_VAR in os.environ
-        name = session._ring.name
+        name = internals.segment_name(session)
     assert spawn.ENV_VAR not in os.environ
     assert not Path("/dev/shm", name).exists()
     done = subprocess.run([sys.executable, "-c", "print('free')"], capture_output=True,
@@ -140,10 +141,10 @@ def test_a_stale_attach_variable_does_not_break_start_up() -> None:
 def test_nested_sessions_hand_the_innermost_to_spawned_processes() -> None:
     with safe_redirect.install() as outer:
         outer_value = os.environ[spawn.ENV_VAR]
-        assert outer._ring.name in outer_value
+        assert internals.segment_name(outer) in outer_value
         with safe_redirect.install() as inner:
             assert os.environ[spawn.ENV_VAR] != outer_value
-            assert inner._ring.name in os.environ[spawn.ENV_VAR]
+            assert internals.segment_name(inner) in os.environ[spawn.ENV_VAR]
         assert os.environ[spawn.ENV_VAR] == outer_value
 
 
@@ -159,12 +160,12 @@ def test_ensure_pth_writes_it_where_it_is_missing(tmp_path, monkeypatch) -> None
     readonly.chmod(0o500)
     writable = tmp_path / "site"
     writable.mkdir()
-    monkeypatch.setattr(spawn, "_site_dirs", lambda: [str(readonly), str(writable)])
+    internals.patch_site_dirs(monkeypatch, lambda: [str(readonly), str(writable)])
     if os.access(readonly, os.W_OK):  # root ignores permissions
-        monkeypatch.setattr(spawn, "_site_dirs", lambda: [str(writable)])
+        internals.patch_site_dirs(monkeypatch, lambda: [str(writable)])
     path = spawn.ensure_pth()
     assert path == str(writable / spawn.PTH_NAME)
     assert Path(path).read_text() == spawn.PTH_LINE
     assert spawn.ensure_pth() == path  # found, not written again
-    monkeypatch.setattr(spawn, "_site_dirs", lambda: [str(tmp_path / "missing")])
+    internals.patch_site_dirs(monkeypatch, lambda: [str(tmp_path / "missing")])
     assert spawn.ensure_pth() is None

@@ -253,7 +253,7 @@ def test_a_callback_that_raises_is_removed_and_the_capture_goes_on(tmp_path, kin
 
 
 def test_on_output_raising_keyboardinterrupt_leaves_the_drain_alive() -> None:
-    """Session._deliver: any BaseException of on_output is counted, the drain goes on."""
+    """Any BaseException of on_output is counted, the drain goes on."""
     import safe_redirect
 
     seen: list[str] = []

@@ -6,7 +6,7 @@ it at a random point, one of three ways:
 - "kill": SIGKILL at a random moment after fork (before, during or after it claims its lane);
 - "stop": once it has written, SIGSTOP at a random moment, then SIGKILL (the stopped child is
   mostly inside some write: its terminal write, the hook, or waiting for room);
-- "hook": the child asks `_ring._stop_inside_next_record(stage)` before a random write and stops
+- "hook": the child asks `internals.stop_inside_next_record(stage)` before a random write and stops
   itself inside the ring copy of that record: after its header (stage 1), after half its payload
   (2), or with everything copied and counted but the tail not yet published (3); the master sees
   the record's bytes past the published tail ("caught mid-record"), then SIGKILLs it.
@@ -27,12 +27,12 @@ import sys
 import time
 
 import safe_redirect
-from safe_redirect import Record, _ring
+from safe_redirect import Record
 
+from .. import internals
 from .tally import Tally, child_exit, common_prefix_length, reap, wait_until
 
 _PROGRESS = struct.Struct("=QQ")  # writes started, writes completed
-_REC_HEADER = struct.Struct("=IBBHiIQ")  # a record's header, as laid out in _ring.c
 MODES = ("kill", "stop", "hook")
 _LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
@@ -65,46 +65,23 @@ def _write_forever(run: int, sizes: list[int], progress: mmap.mmap, devnull: int
     give_up = time.monotonic() + 120  # the test kills it long before; never outlive a lost test
     while i & 0xFFF or time.monotonic() < give_up:
         if i == stop_at[0]:
-            _ring._stop_inside_next_record(stop_at[1])
+            internals.stop_inside_next_record(stop_at[1])
         _PROGRESS.pack_into(progress, 0, i + 1, i)
         sys.stdout.write(record_text(run, i, sizes[i % len(sizes)]))
         _PROGRESS.pack_into(progress, 0, i + 1, i + 1)
         i += 1
 
 
-def _lane_of(session: safe_redirect.Session, pid: int) -> int | None:
-    ring = session._ring
-    for lane in ring.segment.busy_lanes():
-        if ring.lane_info(lane).owner_pid == pid:
-            return lane
-    return None
-
-
-def _bytes_at(session: safe_redirect.Session, lane: int, position: int, n: int) -> bytes:
-    """`n` bytes of a lane's data ring from byte `position` on (ring positions wrap)."""
-    ring = session._ring
-    cap = ring.segment.lane_bytes
-    data = _ring.SEG_HEADER + lane * (_ring.LANE_HEADER + cap) + _ring.LANE_HEADER
-    mapping = ring._mapping
-    out = bytearray()
-    while len(out) < n:
-        at = (position + len(out)) % cap
-        take = min(n - len(out), cap - at)
-        out += mapping[data + at: data + at + take]
-    return bytes(out)
-
-
 def caught_mid_record(session: safe_redirect.Session, pid: int, size: int,
                       since_ns: int) -> bool:
     """Whether stopped child `pid` is inside the ring copy of a write of `size` characters: the
     header of its (first) record, written after `since_ns`, lies at the published tail."""
-    lane = _lane_of(session, pid)
+    lane = internals.lane_of(session, pid)
     if lane is None:
         return False
-    tail = session._ring.lane_info(lane).tail
-    raw = _bytes_at(session, lane, tail, _ring.REC_HEADER)
-    length, stream, _flags, _thread, _rank, _zero, time_ns = _REC_HEADER.unpack(raw)
-    chunk = min(size, session._ring.segment.lane_bytes // 2 - _ring.REC_HEADER)
+    length, stream, time_ns = internals.record_header_at(
+        session, lane, internals.lane_info(session, lane).tail)
+    chunk = min(size, internals.ring_of(session).segment.lane_bytes // 2 - internals.REC_HEADER)
     return length == chunk and stream == 0 and time_ns >= since_ns
 
 
@@ -115,7 +92,7 @@ def kill_mid_write(runs: int = 500, seed: int = 1, lane_bytes: int = 1 << 16) ->
     progress = mmap.mmap(-1, _PROGRESS.size)  # MAP_SHARED: the children's counters
     devnull = os.open(os.devnull, os.O_WRONLY)
     session = safe_redirect.install(records.append, lane_bytes=lane_bytes, lanes=4)
-    errors_before = session._drain.errors if session._drain else 0
+    errors_before = internals.drain_errors(session)
     try:
         for run in range(runs):
             tally.runs += 1
@@ -129,12 +106,12 @@ def kill_mid_write(runs: int = 500, seed: int = 1, lane_bytes: int = 1 << 16) ->
                 child_exit(lambda run=run, sizes=sizes, stop_at=stop_at: _write_forever(
                     run, sizes, progress, devnull, stop_at))
             if mode == "kill":
-                time.sleep(rng.uniform(0, 0.004))
+                time.sleep(rng.uniform(0, 0.004))  # the fault: a random moment to kill
             else:
                 if mode == "stop":
                     if not wait_until(lambda: _PROGRESS.unpack_from(progress)[1] >= 1, 30.0):
                         tally.hang(f"run {run}: the child never completed a write")
-                    time.sleep(rng.uniform(0, 0.002))
+                    time.sleep(rng.uniform(0, 0.002))  # the fault: a random moment
                     os.kill(pid, signal.SIGSTOP)
                 state = _stopped(pid, 30.0)
                 if state == "running":
@@ -157,7 +134,7 @@ def kill_mid_write(runs: int = 500, seed: int = 1, lane_bytes: int = 1 << 16) ->
             if not session.flush(timeout=30):
                 tally.hang(f"run {run}: flush after the kill")
             _check_run(tally, session, records, run, pid, sizes, completed)
-        errors = (session._drain.errors if session._drain else 0) - errors_before
+        errors = internals.drain_errors(session) - errors_before
         if errors:
             tally.problem(f"the drain reported {errors} errors (a torn or corrupt record)")
     finally:
@@ -211,5 +188,5 @@ def _check_run(tally: Tally, session: safe_redirect.Session, records: list[Recor
         tally.lost += max(lost, 1)
         tally.problem(f"run {run}: {completed_chars - len(text)} characters of completed writes "
                       "never delivered")
-    if _lane_of(session, pid) is not None:
+    if internals.lane_of(session, pid) is not None:
         tally.problem(f"run {run}: the dead child's lane was not reclaimed")

@@ -16,16 +16,16 @@ from __future__ import annotations
 
 import os
 import signal
-import struct
 import subprocess
 import sys
 import time
 from collections.abc import Callable
 
 import safe_redirect
-from safe_redirect import Record, _ring
+from safe_redirect import Record
 from safe_redirect.ring import sweep_orphaned_segments
 
+from .. import internals
 from .tally import Tally, reap, wait_until
 
 NS_LAST_PID = "/proc/sys/kernel/ns_last_pid"
@@ -82,8 +82,7 @@ def _lane_of_a_reused_pid(tally: Tally, run: int, lines: int, real: bool) -> Non
     ready_r, ready_w = os.pipe()
     release_r, release_w = os.pipe()
     session = safe_redirect.install(records.append)
-    assert session._drain is not None
-    session._drain.reap_interval = 3600.0  # no reap until the pid is taken again: flush() reaps
+    internals.reap_only_on_flush(session)  # no reap until the pid is taken again
     try:
         a = os.fork()
         if a == 0:
@@ -91,13 +90,12 @@ def _lane_of_a_reused_pid(tally: Tally, run: int, lines: int, real: bool) -> Non
                 print(f"A line {i}")
             sys.stdout.write("A's partial line")
             os.write(ready_w, b"1")
-            time.sleep(3600)
+            time.sleep(3600)  # alive until SIGKILLed
         os.read(ready_r, 1)
         time.sleep(0.03)  # start times are kept in clock ticks: B must start ticks later
         os.kill(a, signal.SIGKILL)
         os.waitpid(a, 0)
-        lane = next((x for x in session._ring.segment.busy_lanes()
-                     if session._ring.lane_info(x).owner_pid == a), None)
+        lane = internals.lane_of(session, a)
         if lane is None:
             tally.problem(f"run {run}: A's lane was reaped before its pid was reused")
             return
@@ -113,7 +111,7 @@ def _lane_of_a_reused_pid(tally: Tally, run: int, lines: int, real: bool) -> Non
             _set_owner_pid(session, lane, b)
         try:
             b_start = _start_us(b)
-            owner = session._ring.lane_info(lane)
+            owner = internals.lane_info(session, lane)
             if owner.owner_pid != b or b_start == owner.owner_start_us:
                 tally.problem(f"run {run}: the set-up failed: lane owner {owner.owner_pid} "
                               f"start {owner.owner_start_us}, B {b} start {b_start}")
@@ -125,7 +123,7 @@ def _lane_of_a_reused_pid(tally: Tally, run: int, lines: int, real: bool) -> Non
             expected = [f"A line {i}" for i in range(lines)] + ["A's partial line"]
             got = [line for r in records if r.pid == a for line in r.text.splitlines()]
             tally.count_lines(f"run {run}: A, dead, its pid reused", expected, got)
-            if session._ring.lane_info(lane).owner_pid == b:
+            if internals.lane_info(session, lane).owner_pid == b:
                 tally.problem(f"run {run}: the lane of dead A was kept for live B")
             if session.stats().lanes_reclaimed != reclaimed + 1:
                 tally.problem(f"run {run}: A's lane was not reclaimed")
@@ -186,8 +184,6 @@ def psutil_alive(pid: int) -> bool:
 
 
 def _set_owner_pid(session: safe_redirect.Session, lane: int, pid: int) -> None:
-    """Simulated reuse: the lane header's owner pid (offset 0 of the lane, see _ring.c)."""
-    ring = session._ring
-    offset = _ring.SEG_HEADER + lane * (_ring.LANE_HEADER + ring.segment.lane_bytes)
-    struct.pack_into("=Q", ring._mapping, offset, pid)
-    wait_until(lambda: ring.lane_info(lane).owner_pid == pid, 1.0)
+    """Simulated reuse: the lane's owner pid is that of another process."""
+    internals.set_lane_owner(session, lane, pid)
+    wait_until(lambda: internals.lane_info(session, lane).owner_pid == pid, 1.0)

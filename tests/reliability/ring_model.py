@@ -14,11 +14,11 @@ import random
 from collections import defaultdict
 from dataclasses import dataclass
 
-from safe_redirect import _ring
 from safe_redirect.drain import LaneReader
 from safe_redirect.ring import Ring
 from safe_redirect.stamp import Stamp
 
+from ..internals import FLAG_FLUSH
 from .tally import Tally
 
 
@@ -86,7 +86,7 @@ def run_ops(ops: list[Op], lanes: int = 3, lane_bytes: int = 4096) -> Outcome:
             s = state[lane]
             records = ring.segment.read(lane, max_bytes)
             for stream, flags, _t, payload, _thread, _rank in records:
-                if not flags & _ring.FLAG_FLUSH:
+                if not flags & FLAG_FLUSH:
                     s.got[stream] += payload
                     outcome.bytes_read += len(payload)
             for record in s.reader.feed(records):
@@ -120,7 +120,7 @@ def run_ops(ops: list[Op], lanes: int = 3, lane_bytes: int = 4096) -> Outcome:
                 # a marker that finds no room is not written (append() says 0 either way: the
                 # tail tells); the reader then has no flush to end its decoding segment at
                 tail = ring.lane_info(op.lane).tail
-                s.producer.append(op.stream, _ring.FLAG_FLUSH, b"")
+                s.producer.append(op.stream, FLAG_FLUSH, b"")
                 if ring.lane_info(op.lane).tail != tail:
                     s.segments[op.stream].append(b"")
             elif isinstance(op, Read):
