@@ -6,28 +6,35 @@ Roles of one Session object:
   child's own, and nothing of the master's (thread, locks, callbacks) is ever touched there.
 A fork is noticed by the fork handler (Python forks) or by the hooks' fork generation (any fork),
 and on the slow paths (`flush`, `uninstall`) by comparing pids.
+
+What a full lane does is the overflow policy's (`overflow.py`); what must still run when a
+process ends through `os._exit()` (a multiprocessing child) is `exits.py`'s.
 """
 
 from __future__ import annotations
 
 import atexit
 import enum
-import os
 import threading
 import time
 import traceback
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import NoReturn
 
 from safe_redirect import _ring
 from safe_redirect.arguments import MODES, OVERFLOW_POLICIES, check_install_arguments
 from safe_redirect.diagnostics import warn as _warn
 from safe_redirect.drain import Drain
+from safe_redirect.exits import (
+    forget_before_os_exit,
+    run_at_multiprocessing_child_exit,
+    run_before_os_exit,
+)
 from safe_redirect.fdcapture import FdCapture
 from safe_redirect.hooks import HookState, StreamHooks, reaim_in_child
 from safe_redirect.hosts import uncaptured_in_kernel
 from safe_redirect.launchers import detect_rank, set_thread_rank, watch_torch_xla
+from safe_redirect.overflow import Overflow
 from safe_redirect.procfs import reopen_terminal
 from safe_redirect.record import Record
 from safe_redirect.ring import Producer, Ring, sweep_orphaned_segments
@@ -46,10 +53,6 @@ from safe_redirect.stamp import (
 )
 
 __all__ = ["MODES", "OVERFLOW_POLICIES", "Session", "Stats", "install", "stats"]
-
-#: fd mode: how long the pump waits in C for room in a full lane before `_append_rest` (the
-#: overflow policy, in Python) takes over. The drain frees room within a pass, well below this.
-_PUMP_WAIT_ROOM = 0.05
 
 OnOutput = Callable[[Record], object]
 #: called after each drain pass that may have delivered records: its records can be handed on as
@@ -91,6 +94,7 @@ class Session:
     _fd: FdCapture | None  # fd mode: the pipes of this process
     _mode: str
     _hooks: StreamHooks
+    _overflow: Overflow  # what a full lane does (overflow.py)
 
     def __init__(self, on_output: OnOutput | None = None, *, mode: str = "wrap",
                  streams: Iterable[str] = ("stdout", "stderr"), tag: str = "[rank{rank}] ",
@@ -119,13 +123,14 @@ class Session:
             self._drain.on_restart = self._hooks.skip_thread  # a new thread after a fork
             drain_ident = self._drain.start()
             if self._mode == "fd":
-                self._fd = FdCapture(self._hooks.streams, self._fd_lane, self._fd_lane_full,
-                                     self._append_rest)
+                self._fd = FdCapture(self._hooks.streams, self._fd_lane,
+                                     self._overflow.pump_found_full,
+                                     self._overflow.append_rest)
                 self._fd.start()
             else:
                 self._hooks.install(self._producer)
                 self._hooks.skip_thread(drain_ident)
-            _finish_multiprocessing_children(self)
+            run_at_multiprocessing_child_exit(self, Session._at_multiprocessing_child_exit)
         except BaseException:
             self._hooks.uninstall()
             if self._fd is not None:
@@ -178,7 +183,8 @@ class Session:
             self._become_child()
         else:
             self._hooks.install(self._ring.segment.placeholder())
-        _finish_multiprocessing_children(self)  # a forkserver forks from here
+        # a forkserver forks from here
+        run_at_multiprocessing_child_exit(self, Session._at_multiprocessing_child_exit)
         self._register()
         return self
 
@@ -190,12 +196,9 @@ class Session:
             raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
         if overflow not in OVERFLOW_POLICIES:
             raise ValueError(f"overflow must be one of {OVERFLOW_POLICIES}, not {overflow!r}")
-        self._overflow = overflow
-        self._stall_timeout = stall_timeout
+        self._overflow = Overflow(overflow, stall_timeout, self._reader_alive, self._reader_gone)
         self._exit_timeout = exit_timeout
         self._callback_errors = 0
-        self._stalled_progress: int | None = None  # reader progress when we last spilled (stall)
-        self._spill_reported = False
         self._final_stats: Stats | None = None
         self._attaching: dict[int, int] = {}  # fork generation -> thread attaching a lane
         # uninstall() and stats() of the master from several threads at once (a with-block and
@@ -300,6 +303,7 @@ class Session:
         self._ring.unlink()
         remove_fork_handler(self._after_fork)
         atexit.unregister(self._at_exit)
+        forget_before_os_exit(self._drain_fd_pump_in_child)
         if self in _sessions:
             _sessions.remove(self)
 
@@ -394,7 +398,7 @@ class Session:
             return
         try:
             self._enter_child_state()
-            self._stalled_progress = None
+            self._overflow.after_fork()
             if self._mode == "fd":
                 self._attach_fd_capture()
             else:
@@ -407,11 +411,12 @@ class Session:
     def _attach_fd_capture(self) -> None:
         """fd mode in a new process: fds 1 and 2 back on the terminal, then pipes of our own,
         published in our lane so that the master can empty them if we die."""
-        _drain_pumps_at_os_exit()
+        run_before_os_exit(self._drain_fd_pump_in_child)  # a forked child ends with os._exit()
         if self._fd is not None:
             self._fd.abandon_in_child()
-        fd = self._fd = FdCapture(self._hooks.streams, self._fd_lane, self._fd_lane_full,
-                                     self._append_rest)
+        fd = self._fd = FdCapture(self._hooks.streams, self._fd_lane,
+                                     self._overflow.pump_found_full,
+                                     self._overflow.append_rest)
         fd.open()
         self._producer = self._claim_lane(fd.read_ends())
         fd.run()
@@ -431,9 +436,15 @@ class Session:
         if self._fd is not None:
             self._fd.sync(timeout=1.0)
 
+    def _drain_fd_pump_in_child(self) -> None:
+        """At os._exit(): let the pump catch up first, bounded. What a pipe holds when its
+        process is gone is only recovered if the master opened it in time."""
+        if self.state is State.CHILD:
+            self.drain_fd_pump()
+
     def _fd_lane(self) -> tuple[Producer | None, float]:
         """The fd pump's lane and how long the pump may wait for room in it (in C, without the
-        GIL; then `_append_rest` applies the overflow policy), asked before each read on the
+        GIL; then the overflow policy applies), asked before each read on the
         pump thread. The lane was claimed at fork or at start-up, before a launcher had set the
         rank (RANK set by the worker itself, the argument of torch.multiprocessing.spawn): a
         child's pump reads it for every chunk. The master's own lines stay untagged."""
@@ -442,19 +453,7 @@ class Session:
         producer = self._producer
         if producer is None:
             return None, 0.0
-        if self._overflow == "spill" or self._stalled_progress == producer.progress:
-            return producer, 0.0  # spill what does not fit: no waiting for room
-        return producer, _PUMP_WAIT_ROOM
-
-    def _fd_lane_full(self, producer: Producer) -> None:
-        """fd mode, block policy: the pump found the lane full for _PUMP_WAIT_ROOM and read
-        nothing (the writer waits on its pipe). Wait as a wrap-mode writer waits; after a stall
-        the pump spills (see `_fd_lane`)."""
-        def room_or_gone(room: bool) -> bool:
-            return room or not producer.live  # not live: the master uninstalled
-
-        if not self._wait_for_room(producer, _ring.REC_HEADER + (1 << 12), room_or_gone):
-            self._stalled_progress = producer.progress
+        return producer, self._overflow.pump_wait(producer)
 
     def _claim_lane(self, pipe_fds: tuple[int, int] = (-1, -1)) -> Producer | None:
         seg = self._ring.segment
@@ -500,114 +499,21 @@ class Session:
         self.drain_fd_pump()
         self._unlink_if_master_died()
 
-    # -- a full lane
+    # -- a full lane (the policy: overflow.py)
 
     def _on_full(self, hook: _ring.Hook, stream: int, rest: bytes) -> None:
         if hook.producer is not None:
-            self._append_rest(hook.producer, stream, rest)
-
-    def _append_rest(self, producer: Producer, stream: int, rest: bytes) -> None:
-        """What did not fit: wait for room as the overflow policy says, else spill it."""
-        if self._overflow == "spill" or self._stalled_progress == producer.progress:
-            self._spill(producer, stream, rest)
-            return
-        producer.count(0, 0, 1)
-
-        def appended(room: bool) -> bool:
-            nonlocal rest
-            written = producer.append(stream, 0, rest)
-            rest = b"" if written < 0 else rest[written:]  # < 0: the master uninstalled
-            return not rest
-
-        if not self._wait_for_room(producer, len(rest) + _ring.REC_HEADER, appended):
-            self._spill(producer, stream, rest)
-
-    def _wait_for_room(self, producer: Producer, need: int,
-                       done: Callable[[bool], bool]) -> bool:
-        """The block policy: sleep on the lane until `done(room there)`, asked after each wake-up,
-        says the write went through, for as long as the master keeps reading. False once it has
-        read nothing for stall_timeout, or is dead: the caller spills. A stall is the master
-        reading nothing at all, not just nothing of this lane: under load one pass over many full
-        lanes can take longer than stall_timeout."""
-        now = time.monotonic()
-        deadline, next_check = now + self._stall_timeout, now + 0.1
-        progress = producer.progress
-        while True:
-            # sleeps until the drain frees room (it rings the lane's futex), 0.1 s at most
-            if done(producer.wait_space(need, 0.1)):
-                self._stalled_progress = None
-                return True
-            now = time.monotonic()
-            if producer.progress != progress:
-                progress, deadline = producer.progress, now + self._stall_timeout
-            elif now >= deadline:
-                return False
-            if now >= next_check:
-                next_check = now + 0.1
-                if not self._reader_alive():
-                    self._producer = None
-                    self._hooks.set_producer(None)
-                    return False
+            self._overflow.append_rest(hook.producer, stream, rest)
 
     def _reader_alive(self) -> bool:
         if self.state is State.INSTALLED:
             return self._drain is not None and self._drain.alive
         return not self._ring.unlink_if_orphaned()
 
-    def _spill(self, producer: Producer, stream: int, rest: bytes) -> None:
-        """The bytes already went to the terminal; count them, and say so once. Lines stay whole
-        in the lane (the producer sees to it): a line spilled in part is spilled to its end, and
-        a line whose head is in the lane is cut there, never joined with the next one."""
-        producer.count(1, len(rest), 0)
-        producer.spilled(stream, rest.endswith((b"\n", b"\r")))
-        self._stalled_progress = producer.progress
-        if not self._spill_reported:
-            self._spill_reported = True
-            _warn(f"safe_redirect: pid {os.getpid()}: lane full and the master is not reading; "
-                  "output goes to the terminal only until it reads again (see "
-                  "stats().spilled_bytes)")
-
-
-_os_exit = os._exit
-
-
-def _exit_after_the_pumps(status: int) -> NoReturn:
-    """os._exit() of a process whose fd pump may not have read its last output yet (a forked
-    child ends so, multiprocessing's among them): let the pump catch up first, bounded. What a
-    pipe holds when its process is gone is only recovered if the master opened it in time."""
-    for session in list(_sessions):
-        if session.state is State.CHILD:
-            try:
-                session.drain_fd_pump()
-            except Exception:
-                pass
-    _os_exit(status)
-
-
-def _drain_pumps_at_os_exit() -> None:
-    """Once per process (and its forks): `os._exit` waits for fd pumps."""
-    if os._exit is _os_exit:
-        os._exit = _exit_after_the_pumps
-
-
-def _finish_multiprocessing_children(session: Session) -> None:
-    """A multiprocessing child ends with os._exit(): atexit does not run there. Register, in each
-    such child as it starts, what empties the child's pipes (fd mode) and removes the segment's
-    name if the master died: a finalizer, and a threading at-exit call, which runs later —
-    after `Process._bootstrap` has printed the traceback of a target that raised."""
-    import multiprocessing.util
-
-    def child_started(session: Session) -> None:
-        multiprocessing.util.Finalize(None, session._at_multiprocessing_child_exit,
-                                      exitpriority=-100)
-        register = getattr(threading, "_register_atexit", None)  # CPython 3.9+
-        if register is not None:
-            try:
-                register(session._at_multiprocessing_child_exit)
-            except RuntimeError:  # the interpreter is already shutting down
-                pass
-
-    multiprocessing.util.register_after_fork(session, child_started)
+    def _reader_gone(self) -> None:
+        """The master stopped reading for good: write into no lane from now on."""
+        self._producer = None
+        self._hooks.set_producer(None)
 
 
 def install(on_output: OnOutput | None = None, *, mode: str = "wrap",
