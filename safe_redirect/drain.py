@@ -152,6 +152,15 @@ class LaneReader:
         #: its death continues that thread's line and is tagged with that rank
         self.last_thread_rank = -1
         self.last_thread = 0
+        #: asked before each feed: the owner may have set its rank and name anew since
+        self.refresh: Callable[[], None] | None = None
+
+    def rename(self, rank: int | None, name: str) -> None:
+        """The owner's rank and name changed (a child named by a launcher after it claimed its
+        lane): lines from now on get the new tag."""
+        self.rank, self.name = rank, name
+        if not self._master:
+            self.tag = render_tag(self._template, rank, self.owner.pid, name)
 
     def close_pipes(self) -> None:
         for fd in self.pipes.values():
@@ -174,6 +183,8 @@ class LaneReader:
         out: list[Record] = []
         cut_before = False  # a line was cut short (FLAG_GAP): the next text must not join it
         last_time = 0  # when the lines last emitted began
+        if self.refresh is not None:
+            self.refresh()
 
         def emit(state: _StreamState, stream: int, text: str, time_ns: int,
                  thread_rank: int) -> None:
@@ -462,6 +473,7 @@ class Drain:
         reader = self._readers.get(lane)
         if reader is not None:
             return reader
+        identity = self._segment.identity(lane)  # before the header: a change after it is seen
         info = self._ring.lane_info(lane)
         if info.state == _ring.LANE_FREE:
             return None  # being claimed right now
@@ -469,6 +481,7 @@ class Drain:
         reader = self._readers[lane] = LaneReader(
             info.owner_pid, info.owner_start_us, rank, info.name.decode("utf-8", "replace"),
             self._tag_template, master=lane == self._master_lane)
+        reader.refresh = lambda: self._refresh_identity(lane, reader, identity)
         if max(info.pipe_fds) >= 0 and lane != self._master_lane:
             for stream, fd in enumerate(info.pipe_fds):  # fd mode: a second way out of the child
                 ours = open_peer_pipe(info.owner_pid, fd)
@@ -476,6 +489,18 @@ class Drain:
                     reader.pipes[stream] = ours
             self._segment.ack_pipes(lane)  # the child waits (bounded) for this
         return reader
+
+    def _refresh_identity(self, lane: int, reader: LaneReader, seen: int) -> None:
+        """Render the tag of `lane` again if its owner set rank and name anew since `seen`
+        (read after the records being fed, so that they are tagged as their writer wanted)."""
+        identity = self._segment.identity(lane)
+        if identity == seen:
+            return
+        info = self._ring.lane_info(lane)
+        if self._segment.identity(lane) != identity:
+            return  # set anew while we read it: next time
+        reader.rename(None if info.rank < 0 else info.rank, info.name.decode("utf-8", "replace"))
+        reader.refresh = lambda: self._refresh_identity(lane, reader, identity)
 
     def _pass(self, final: bool) -> tuple[bool, bool, bool]:
         """Read every lane once: (anything read or still held, a lane gave all a pass takes and
@@ -563,8 +588,11 @@ class Drain:
             reader = self._reader(lane) or LaneReader(info.owner_pid, 0, None)
             self._hand_over(reader.feed(self._segment.read(lane, 1 << 62, JOIN_GAP_NS)), reader)
             if info.state != _ring.LANE_CLOSED:  # died: its pump may not have emptied its pipes
-                left = [(stream, 0, time.time_ns(), read_available(fd), reader.last_thread,
-                         reader.last_thread_rank) for stream, fd in reader.pipes.items()]
+                # they continue the lines of the pipes' thread (fd mode's hooks write others)
+                thread = self._segment.pipe_thread(lane) or reader.last_thread
+                rank = reader.last_thread_rank if thread == reader.last_thread else -1
+                left = [(stream, 0, time.time_ns(), read_available(fd), thread, rank)
+                        for stream, fd in reader.pipes.items()]
                 for stream, _, _, data, _, _ in left:
                     if data:
                         self._recovered(stream, data)  # the terminal never saw these either

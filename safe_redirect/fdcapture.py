@@ -1,9 +1,13 @@
 """fd-level capture: fds 1 and 2 pointed at pipes, and a pump thread that tees and captures.
 
 This catches what never passes through `sys.stdout`: `os.write(1, ...)`, `os.system`, C and C++
-libraries. Each capturing process (the master, and every forked child) has pipes of its own: the
-pump stores what arrives in the process's lane and copies it to the saved original fd (the
-terminal keeps its output). A child never writes into its master's pipe, so lines of two
+libraries. What does pass through it is captured by the hooks, with its thread, and written to
+the saved terminal, not into the pipe (`hooks.py`, KIND_RAW): the lane then has two writers, the
+pump and the hooks, whose order `_ring.c` keeps ("fd mode's two paths").
+
+Each capturing process (the master, and every forked child) has pipes of its own: the pump
+stores what arrives in the process's lane and copies it to the saved original fd (the terminal
+keeps its output). A child never writes into its master's pipe, so lines of two
 processes cannot interleave mid-line, and a child never blocks on a master that stopped reading.
 
 The pump inside a child is not the only way out of it: the child publishes its pipes' read ends in
@@ -26,7 +30,8 @@ from safe_redirect import _ring, fork_parking
 from safe_redirect._ring import Producer
 from safe_redirect.ring import STREAMS
 
-__all__ = ["STREAM_FDS", "FdCapture", "open_peer_pipe", "read_available"]
+__all__ = ["STREAM_FDS", "FdCapture", "flush_python_streams", "open_peer_pipe",
+           "read_available"]
 
 STREAM_FDS = {"stdout": 1, "stderr": 2}
 _CHUNK = 1 << 16
@@ -172,6 +177,14 @@ class FdCapture:
         self._synced = threading.Condition()
         self._sync_requested = 0
         self._sync_done = 0
+        self._fed: Producer | None = None  # the lane our pipes feed besides the hooks
+
+    def feed(self, producer: Producer | None) -> None:
+        """Tell `producer` (this process's lane) our pipes and the saved terminals: from now on
+        Python-level writes go to the terminals and the pipes carry the rest (see `_ring.c`)."""
+        if producer is not None:
+            producer.feed(self.read_ends(), self.saved_fds())
+        self._fed = producer
 
     def tee(self, stream: int, data: bytes) -> None:
         """Write to the saved terminal fd of `stream` (0 stdout, 1 stderr), if it is still open."""
@@ -193,9 +206,12 @@ class FdCapture:
         self.open()
         self.run()
 
-    def open(self) -> None:
-        """Point fds 1 and 2 at new pipes; nothing reads them until run()."""
-        _flush_python_streams()
+    def open(self, flush: bool = True) -> None:
+        """Point fds 1 and 2 at new pipes; nothing reads them until run(). What the Python
+        streams buffer goes to the old fds first; not in a child attaching right after fork (the
+        buffers hold its parent's output, and their hooks would attach other sessions then)."""
+        if flush:
+            flush_python_streams()
         for stream, fd in self._targets:
             saved = os.dup(fd)
             append_if_regular_file(saved)
@@ -245,7 +261,7 @@ class FdCapture:
         fork_parking.resume_now()
         if self._stop or self._thread is None:
             return True
-        _flush_python_streams()
+        flush_python_streams()
         with self._synced:
             self._sync_requested += 1
             target = self._sync_requested
@@ -261,7 +277,7 @@ class FdCapture:
             return self._drained.is_set()
         fork_parking.resume_now()
         fork_parking.unregister(self)
-        _flush_python_streams()
+        flush_python_streams()
         for fd, saved in self.saved.items():
             if self._still_ours(fd):  # not if somebody (pytest's capfd, say) took fd 1 since
                 os.dup2(saved, fd)
@@ -285,6 +301,9 @@ class FdCapture:
         if self._saved_closed:
             return
         self._saved_closed = True
+        if self._fed is not None:
+            self._fed.unfeed()  # no hook writes to a saved fd after this
+            self._fed = None
         for saved in self.saved.values():
             try:
                 os.close(saved)
@@ -297,7 +316,9 @@ class FdCapture:
     def abandon_in_child(self) -> None:
         """After fork: the pump does not exist here. Point fds 1 and 2 back at the terminal,
         never at the master's pipes, and drop every fd of the master's capture but the saved
-        terminal copies (the child's own capture starts from them)."""
+        terminal copies (the child's own capture starts from them). The producer it fed is
+        the master's: the hooks leave it at their first write here."""
+        self._fed = None
         for fd, saved in self.saved.items():
             os.dup2(saved, fd)
             os.close(saved)
@@ -375,7 +396,8 @@ def _enlarge_pipe(fd: int) -> None:
         pass
 
 
-def _flush_python_streams() -> None:
+def flush_python_streams() -> None:
+    """What sys.stdout and sys.stderr buffer goes to their fds now."""
     for stream in (sys.stdout, sys.stderr):
         try:
             if stream is not None:

@@ -23,7 +23,7 @@ from typing import NoReturn
 from safe_redirect import _ring
 from safe_redirect.arguments import MODES, OVERFLOW_POLICIES, check_install_arguments
 from safe_redirect.drain import Drain, Record
-from safe_redirect.fdcapture import FdCapture, reopen_terminal
+from safe_redirect.fdcapture import FdCapture, flush_python_streams, reopen_terminal
 from safe_redirect.hooks import HookState, StreamHooks, reaim_in_child
 from safe_redirect.hosts import uncaptured_in_kernel
 from safe_redirect.launchers import detect_rank, set_thread_rank, watch_torch_xla
@@ -126,10 +126,11 @@ class Session:
             if self._mode == "fd":
                 self._fd = FdCapture(self._hooks.streams, self._fd_lane, self._fd_lane_full,
                                      self._append_rest)
-                self._fd.start()
-            else:
-                self._hooks.install(self._producer)
-                self._hooks.skip_thread(drain_ident)
+                self._fd.open()
+                self._fd.feed(self._producer)
+                self._fd.run()
+            self._hooks.install(self._producer, terminals=self._mode == "fd")
+            self._hooks.skip_thread(drain_ident)
             _finish_multiprocessing_children(self)
         except BaseException:
             self._hooks.uninstall()
@@ -181,8 +182,7 @@ class Session:
             # of our own (there is no first write to wait for).
             reopen_terminal(info.master_pid, info.terminal_fds, self._hooks.streams)
             self._become_child()
-        else:
-            self._hooks.install(self._ring.segment.placeholder())
+        self._hooks.install(self._ring.segment.placeholder(), terminals=self._mode == "fd")
         _finish_multiprocessing_children(self)  # a forkserver forks from here
         self._register()
         return self
@@ -263,6 +263,7 @@ class Session:
             return True
         if self._fd is not None:
             self._fd.sync(timeout)
+            self._unstage()
             delivered = self._drain.sync_child_pipes(timeout)  # live children's pumps too
         else:
             delivered = self._drain.sync(timeout)
@@ -282,7 +283,7 @@ class Session:
                 self._uninstall_master(timeout)
 
     def _uninstall_master(self, timeout: float | None) -> None:
-        self._hooks.uninstall()
+        self._unhook()
         unexport(self._attach_info, self._previous_env)
         if self._fd is not None and not self._fd.stop(timeout):
             _warn(f"safe_redirect: the fd pump did not drain within {timeout} s")
@@ -297,6 +298,20 @@ class Session:
         self._finish()
         if not delivered:
             _warn(f"safe_redirect: final delivery timed out after {timeout} s")
+
+    def _unhook(self) -> None:
+        """Take the hooks off. fd mode: what the streams buffer reaches the terminal through
+        them first (after the hooks it would go into the pipe and be captured twice), and what
+        they staged goes into the lane."""
+        if self._fd is not None:
+            flush_python_streams()
+            self._unstage()
+        self._hooks.uninstall()
+
+    def _unstage(self) -> None:
+        producer = self._producer
+        if self._fd is not None and producer is not None:
+            producer.unstage()
 
     def _finish(self) -> None:
         self.state = State.UNINSTALLED
@@ -384,6 +399,28 @@ class Session:
     def _on_fork(self, hook: _ring.Hook) -> None:
         """Called by a hook at the first captured write of a new process."""
         self._become_child()
+        producer = self._producer
+        if self._mode != "fd" or hook.producer is producer:
+            return
+        if producer is not None and producer.generation != fork_generation():
+            return  # a write from inside the attach (another session's, say): not captured
+        # fd mode claimed the lane at fork (for the pipes); the hooks join it at their first
+        # write, where a wrap-mode child claims its lane: it takes the rank and name the
+        # process has by now, so that both modes tag a process alike
+        self.refresh_identity()
+        self._hooks.set_producer(producer)
+
+    def refresh_identity(self) -> None:
+        """A child's lane takes the rank and multiprocessing name the process has now (they
+        were set after the lane was claimed: by a launcher, by multiprocessing's bootstrap)."""
+        producer = self._producer
+        if self.state is not State.CHILD or producer is None:
+            return
+        if producer.generation != fork_generation():
+            return  # the lane of the process we were forked from
+        rank = detect_rank()
+        producer.set_identity(-1 if rank is None else rank,
+                              process_name().encode("utf-8", "replace")[:31])
 
     def _become_child(self) -> None:
         """Once per new process: re-aim the hooks and claim a lane. Threads that write while one
@@ -392,6 +429,8 @@ class Session:
         if self._child_generation == generation:
             return
         me = threading.get_ident()
+        if self._attaching.get(generation) == me:
+            return  # a hook's write from inside the attach: it goes uncaptured
         if self._attaching.setdefault(generation, me) != me:  # atomic under the GIL
             deadline = time.monotonic() + 5.0
             while self._child_generation != generation and time.monotonic() < deadline:
@@ -417,8 +456,9 @@ class Session:
             self._fd.abandon_in_child()
         fd = self._fd = FdCapture(self._hooks.streams, self._fd_lane, self._fd_lane_full,
                                      self._append_rest)
-        fd.open()
+        fd.open(flush=False)
         self._producer = self._claim_lane(fd.read_ends())
+        fd.feed(self._producer)
         fd.run()
         deadline = time.monotonic() + 0.1  # bounded: never block a child on its master
         while self._producer is not None and not self._producer.pipes_acked:
@@ -435,6 +475,7 @@ class Session:
         """Capture what this process's pipes hold; multiprocessing children call it at exit."""
         if self._fd is not None:
             self._fd.sync(timeout=1.0)
+            self._unstage()
 
     def _fd_lane(self) -> tuple[Producer | None, float]:
         """The fd pump's lane and how long the pump may wait for room in it (in C, without the
@@ -481,7 +522,7 @@ class Session:
         return None
 
     def _uninstall_in_child(self) -> None:
-        self._hooks.uninstall()
+        self._unhook()
         if self._fd is not None:
             self._fd.stop(timeout=1.0)
         if self._producer is not None:
@@ -603,6 +644,7 @@ def _finish_multiprocessing_children(session: Session) -> None:
     import multiprocessing.util
 
     def child_started(session: Session) -> None:
+        session.refresh_identity()  # the process has its name (and a torch spawn rank) now
         multiprocessing.util.Finalize(None, session._at_multiprocessing_child_exit,
                                       exitpriority=-100)
         register = getattr(threading, "_register_atexit", None)  # CPython 3.9+
