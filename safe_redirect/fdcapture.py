@@ -162,6 +162,7 @@ class FdCapture:
         self.saved: dict[int, int] = {}  # 1 / 2 -> a copy of what it was (the terminal)
         self.readers: dict[int, tuple[int, int]] = {}  # read end -> (stream, fd it feeds)
         self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)
         self._pipes: dict[int, tuple[int, int]] = {}  # 1 / 2 -> (st_dev, st_ino) of our pipe
         self._capturing = True
         self._stop = False
@@ -244,7 +245,7 @@ class FdCapture:
             return False
         with self._synced:
             self._parking, self._left_for_fork = True, False
-        os.write(self._wake_w, b"p")
+        self._wake(b"p")
         thread.join(max(0.0, deadline - time.monotonic()))
         with self._synced:
             self._parking = False
@@ -265,7 +266,7 @@ class FdCapture:
         with self._synced:
             self._sync_requested += 1
             target = self._sync_requested
-        os.write(self._wake_w, b"s")
+        self._wake(b"s")
         with self._synced:
             return self._synced.wait_for(lambda: self._sync_done >= target or self._pump_done,
                                          timeout)
@@ -281,13 +282,28 @@ class FdCapture:
         for fd, saved in self.saved.items():
             if self._still_ours(fd):  # not if somebody (pytest's capfd, say) took fd 1 since
                 os.dup2(saved, fd)
-        self._stop = True
-        os.write(self._wake_w, b"x")
+        with self._closing:  # the pump, ending on its pipes' EOF, closes the wake pipe once
+            self._stop = True  # it sees this: not between it and our write
+            self._wake_locked(b"x")
         drained = self._drained.wait(timeout)
         with self._closing:
             if self._pump_done:
                 self._close_saved()
         return drained
+
+    def _wake(self, reason: bytes) -> None:
+        """Have the pump come back to Python. Its wake pipe is closed with the saved fds, by
+        whichever of stop() and the pump's end comes last (under _closing): never after that,
+        and never blocking on a pipe that nobody reads any more (the pump ended at EOF)."""
+        with self._closing:
+            self._wake_locked(reason)
+
+    def _wake_locked(self, reason: bytes) -> None:
+        if not self._saved_closed:
+            try:
+                os.write(self._wake_w, reason)
+            except BlockingIOError:
+                pass  # full: the pump has wake-ups enough to read
 
     def _still_ours(self, fd: int) -> bool:
         try:
