@@ -1260,35 +1260,53 @@ static PyObject *Producer_feed(ProducerObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* Lock held, GIL held: what the pipes hold, then what the hooks staged for stream s, into the
+ * lane; what a full lane cannot take is counted as spilled. */
+static void unstage_stream(ProducerObject *p, int s) {
+    if (!p->stage_len[s]) return;
+    stage_left left = take_then_move(p, s);
+    for (size_t pos = left.pos; left.buf && pos < left.len;) {
+        stage_entry e;
+        memcpy(&e, left.buf + pos, sizeof e);
+        if (p->lane && p->segment->has_view) {
+            atomic_fetch_add(&p->lane->spilled_records, 1);
+            atomic_fetch_add(&p->lane->spilled_bytes, e.len - (pos == left.pos ? left.done : 0));
+        }
+        pos += sizeof e + e.len;
+    }
+    PyMem_RawFree(left.buf);
+}
+
+static int producer_of_this_process(ProducerObject *p) {
+    return p->generation == atomic_load_explicit(&fork_generation, memory_order_relaxed);
+}
+
 /* What the hooks staged goes into the lane now, after what the pipes hold (a flush, an exit, the
  * hooks coming off). What a full lane cannot take is counted as spilled. */
 static PyObject *Producer_unstage(ProducerObject *self, PyObject *unused) {
-    if (!producer_feeding(self) ||
-        self->generation != atomic_load_explicit(&fork_generation, memory_order_relaxed))
-        Py_RETURN_NONE;
+    if (!producer_feeding(self) || !producer_of_this_process(self)) Py_RETURN_NONE;
     producer_lock_gil(self);
-    for (int s = 0; s < 2; s++) {
-        if (!self->stage_len[s]) continue;
-        stage_left left = take_then_move(self, s);
-        for (size_t pos = left.pos; left.buf && pos < left.len;) {
-            stage_entry e;
-            memcpy(&e, left.buf + pos, sizeof e);
-            if (self->lane && self->segment->has_view) {
-                atomic_fetch_add(&self->lane->spilled_records, 1);
-                atomic_fetch_add(&self->lane->spilled_bytes, e.len - (pos == left.pos ? left.done : 0));
-            }
-            pos += sizeof e + e.len;
-        }
-        PyMem_RawFree(left.buf);
-    }
+    for (int s = 0; s < 2; s++) unstage_stream(self, s);
     producer_unlock(self);
     Py_RETURN_NONE;
 }
 
-/* fd mode ends (before the pipes and the saved terminals close): hooks write through again. */
-static PyObject *Producer_unfeed(ProducerObject *self, PyObject *unused) {
+/* fd mode ends for `stream` (-1: both), before its pipe's read end and its saved terminal
+ * close: what is staged for it goes into the lane first, and the hooks write through again.
+ * The lane must never hold an fd number after its owner closed it (the number is reused). */
+static PyObject *Producer_unfeed(ProducerObject *self, PyObject *args) {
+    int stream = -1;
+    if (!PyArg_ParseTuple(args, "|i", &stream)) return NULL;
+    if (stream < -1 || stream > 1) {
+        PyErr_SetString(PyExc_ValueError, "stream must be 0, 1 or -1 (both)");
+        return NULL;
+    }
     producer_lock_gil(self);
-    self->feed_read[0] = self->feed_read[1] = self->feed_terminal[0] = self->feed_terminal[1] = -1;
+    for (int s = 0; s < 2; s++) {
+        if (stream >= 0 && s != stream) continue;
+        if (producer_of_this_process(self)) unstage_stream(self, s);
+        self->feed_read[s] = self->feed_terminal[s] = -1;
+    }
     producer_unlock(self);
     Py_RETURN_NONE;
 }
@@ -1382,8 +1400,9 @@ static PyMethodDef Producer_methods[] = {
      "that feed this lane besides the hooks, and the terminals Python's writes go to"},
     {"unstage", (PyCFunction)Producer_unstage, METH_NOARGS,
      "fd mode: what the hooks staged for buffered streams goes into the lane now"},
-    {"unfeed", (PyCFunction)Producer_unfeed, METH_NOARGS,
-     "fd mode ends: forget the pipes and terminals (before they close)"},
+    {"unfeed", (PyCFunction)Producer_unfeed, METH_VARARGS,
+     "unfeed(stream=-1): fd mode ends for stream (-1: both): what is staged for it goes into "
+     "the lane, its pipe and terminal are forgotten (before they close)"},
     {"set_identity", (PyCFunction)Producer_set_identity, METH_VARARGS,
      "set_identity(rank, name): the owner's rank (-1: none) and name, set anew"},
     {NULL},
@@ -1482,7 +1501,8 @@ static int hook_capture(HookObject *self, const char *buf, uint64_t len, unsigne
     stage_left left = {NULL, 0, 0, 0};
     if (producer_feeding(p) && s < 2) {
         producer_lock_gil(p);
-        if (self->terminal && len && !raw_written && stage_add(p, s, buf, len, flags) == 0) {
+        if (self->terminal && len && !raw_written && p->feed_terminal[s] >= 0 &&
+            stage_add(p, s, buf, len, flags) == 0) {
             /* a buffered stream: the record waits with the bytes (see "fd mode's two paths") */
             if (p->stage_len[s] > STAGE_MAX) left = take_then_move(p, s);
             producer_unlock(p);

@@ -360,6 +360,9 @@ class FdCapture:
                 os.read(self._wake_r, 64)
             elif event == _ring.PUMP_EOF:  # every writer closed its end (fd 1 itself, say)
                 open_readers.discard(r)
+                fed = self._fed
+                if fed is not None:  # it reads this pipe too: not once the number is free
+                    fed.unfeed(self.readers[r][0])
                 os.close(r)
             with self._synced:
                 requested = self._sync_requested

@@ -82,6 +82,23 @@ class Stats:
 _sessions: list[Session] = []
 
 
+def _let_go_of_fds_in_child() -> None:
+    """Right after fork, before any session's own handler: the fd captures inherited from the
+    parent let go of fds 1 and 2 newest first, so that each puts back what the one under it had
+    (the oldest: the terminal). Then each session opens pipes of its own oldest first (its
+    `_after_fork`), on top of the one under it, as in the parent. Each letting go as its own
+    handler came would put a parent's pipe back under a newer session, and leave an older one
+    reading a pipe that no longer has a writer."""
+    for session in reversed(_sessions):
+        fd = session._fd
+        if fd is not None and session.state is not State.UNINSTALLED:
+            session._fd = None
+            fd.abandon_in_child()
+
+
+on_fork_in_child(_let_go_of_fds_in_child)  # before any session registers its handler
+
+
 def _warn(message: str) -> None:
     """Straight to fd 2: never captured, never re-entering a hook."""
     try:
