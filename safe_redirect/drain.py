@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 from operator import attrgetter
 
 from safe_redirect import _ring, fork_parking
-from safe_redirect.fdcapture import open_peer_pipe, read_available
+from safe_redirect.fdcapture import PipeHandOver, open_peer_pipe, read_available
 from safe_redirect.ring import STREAMS, Ring
 from safe_redirect.stamp import Stamp
 
@@ -312,6 +312,9 @@ class Drain:
         self.lanes_reclaimed = 0
         self.records_delivered = 0
         self.errors = 0
+        #: fd mode: forked children hand their pipes over through it (None: /proc only)
+        self.hand_over: PipeHandOver | None = None
+        self._handed: dict[tuple[int, int, int], dict[int, int]] = {}  # (lane, pid, start) ->
 
     @property
     def alive(self) -> bool:
@@ -382,6 +385,7 @@ class Drain:
         if stopped:
             for reader in self._readers.values():
                 reader.close_pipes()
+            self._close_handed()
         return delivered and stopped
 
     def sync_child_pipes(self, timeout: float | None) -> bool:
@@ -483,12 +487,51 @@ class Drain:
             self._tag_template, master=lane == self._master_lane)
         reader.refresh = lambda: self._refresh_identity(lane, reader, identity)
         if max(info.pipe_fds) >= 0 and lane != self._master_lane:
-            for stream, fd in enumerate(info.pipe_fds):  # fd mode: a second way out of the child
-                ours = open_peer_pipe(info.owner_pid, fd)
-                if ours is not None:
-                    reader.pipes[stream] = ours
+            # fd mode: a second way out of the child. Handed over (see PipeHandOver), else
+            # opened through /proc; a child that died meanwhile handed them over if it wrote
+            key = (lane, info.owner_pid, info.owner_start_us)
+            self._receive_pipes()
+            handed = self._handed.pop(key, None)
+            if handed is None:
+                for stream, fd in enumerate(info.pipe_fds):
+                    ours = open_peer_pipe(info.owner_pid, fd)
+                    if ours is not None:
+                        reader.pipes[stream] = ours
+                if len(reader.pipes) < sum(fd >= 0 for fd in info.pipe_fds):
+                    self._receive_pipes()
+                    handed = self._handed.pop(key, None)
+            if handed is not None:
+                reader.close_pipes()
+                reader.pipes.update(handed)
             self._segment.ack_pipes(lane)  # the child waits (bounded) for this
         return reader
+
+    def _receive_pipes(self) -> None:
+        """Take the pipes that children handed over: kept for the lane's reader to come, or
+        dropped if its reader has pipes already (opened through /proc first) or the lane has
+        another owner by now."""
+        if self.hand_over is None:
+            return
+        for lane, pid, start_us, fds in self.hand_over.receive():
+            info = self._ring.lane_info(lane)
+            reader = self._readers.get(lane)
+            owner = (info.owner_pid, info.owner_start_us)
+            if info.state == _ring.LANE_FREE or owner != (pid, start_us) or (
+                    reader is not None and reader.pipes):
+                for fd in fds.values():
+                    os.close(fd)
+            elif reader is not None:
+                reader.pipes.update(fds)
+            else:
+                for fd in self._handed.pop((lane, pid, start_us), {}).values():
+                    os.close(fd)
+                self._handed[(lane, pid, start_us)] = fds
+
+    def _close_handed(self) -> None:
+        for fds in self._handed.values():
+            for fd in fds.values():
+                os.close(fd)
+        self._handed.clear()
 
     def _refresh_identity(self, lane: int, reader: LaneReader, seen: int) -> None:
         """Render the tag of `lane` again if its owner set rank and name anew since `seen`

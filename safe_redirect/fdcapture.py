@@ -20,7 +20,9 @@ from __future__ import annotations
 import fcntl
 import mmap
 import os
+import socket
 import stat
+import struct
 import sys
 import threading
 import time
@@ -30,7 +32,7 @@ from safe_redirect import _ring, fork_parking
 from safe_redirect._ring import Producer
 from safe_redirect.ring import STREAMS
 
-__all__ = ["STREAM_FDS", "FdCapture", "flush_python_streams", "open_peer_pipe",
+__all__ = ["STREAM_FDS", "FdCapture", "PipeHandOver", "flush_python_streams", "open_peer_pipe",
            "read_available"]
 
 STREAM_FDS = {"stdout": 1, "stderr": 2}
@@ -89,6 +91,66 @@ def open_peer_pipe(pid: int, fd: int) -> int | None:
         os.close(ours)
         return None
     return ours
+
+
+class PipeHandOver:
+    """How a forked child gives its master the read ends of its pipes before it writes anything:
+    over a socket pair the master made at install() and every fork inherits (SCM_RIGHTS). Once
+    sent, the read ends are held by the socket's queue and then by the master, whatever becomes
+    of the child: one killed right after writing, before its pump read and before the master
+    first looked at its lane, loses nothing. Where the sending fails (a spawned process, which
+    inherits no socket; a full queue) the master opens the pipes through /proc instead, which
+    works only while the child lives (the child waits for that, bounded)."""
+
+    _MESSAGE = struct.Struct("=IiQii")  # lane, pid, start_us, stdout read end, stderr read end
+
+    def __init__(self) -> None:
+        self._receive, self._send = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._receive.setblocking(False)
+
+    def send(self, lane: int, pid: int, start_us: int, read_ends: tuple[int, int]) -> bool:
+        """In the child, right after it published its pipes in `lane`: hand them over. False if
+        they could not be sent (the master then opens them through /proc)."""
+        fds = [fd for fd in read_ends if fd >= 0]
+        try:
+            socket.send_fds(self._send, [self._MESSAGE.pack(lane, pid, start_us, *read_ends)],
+                            fds, socket.MSG_DONTWAIT)
+        except (OSError, ValueError):
+            return False
+        return True
+
+    def receive(self) -> list[tuple[int, int, int, dict[int, int]]]:
+        """In the master: every hand-over waiting, as (lane, pid, start_us, {stream: our fd})."""
+        received = []
+        while True:
+            try:
+                data, fds, flags, _ = socket.recv_fds(self._receive, self._MESSAGE.size, 2,
+                                                      socket.MSG_CMSG_CLOEXEC)
+            except (BlockingIOError, InterruptedError):
+                break
+            except (OSError, ValueError):
+                break
+            if flags & (socket.MSG_CTRUNC | socket.MSG_TRUNC) or len(data) != self._MESSAGE.size:
+                _close_all(fds)
+                continue
+            lane, pid, start_us, *read_ends = self._MESSAGE.unpack(data)
+            streams = [stream for stream, fd in enumerate(read_ends) if fd >= 0]
+            if len(streams) != len(fds):
+                _close_all(fds)
+                continue
+            for fd in fds:
+                os.set_blocking(fd, False)
+            received.append((lane, pid, start_us, dict(zip(streams, fds, strict=True))))
+        return received
+
+    def close(self) -> None:
+        self._receive.close()
+        self._send.close()
+
+
+def _close_all(fds: Iterable[int]) -> None:
+    for fd in fds:
+        os.close(fd)
 
 
 def reopen_terminal(master_pid: int, terminal_fds: tuple[int, int],

@@ -23,7 +23,12 @@ from typing import NoReturn
 from safe_redirect import _ring
 from safe_redirect.arguments import MODES, OVERFLOW_POLICIES, check_install_arguments
 from safe_redirect.drain import Drain, Record
-from safe_redirect.fdcapture import FdCapture, flush_python_streams, reopen_terminal
+from safe_redirect.fdcapture import (
+    FdCapture,
+    PipeHandOver,
+    flush_python_streams,
+    reopen_terminal,
+)
 from safe_redirect.hooks import HookState, StreamHooks, reaim_in_child
 from safe_redirect.hosts import uncaptured_in_kernel
 from safe_redirect.launchers import detect_rank, set_thread_rank, watch_torch_xla
@@ -111,6 +116,7 @@ class Session:
     """The handle `install()` returns: `flush()`, `uninstall()`, `stats()`, a context manager."""
 
     _fd: FdCapture | None  # fd mode: the pipes of this process
+    _hand_over: PipeHandOver | None  # fd mode: forked children give us their pipes through it
     _mode: str
     _hooks: StreamHooks
 
@@ -141,6 +147,7 @@ class Session:
             self._drain.on_restart = self._hooks.skip_thread  # a new thread after a fork
             drain_ident = self._drain.start()
             if self._mode == "fd":
+                self._hand_over = self._drain.hand_over = PipeHandOver()
                 self._fd = FdCapture(self._hooks.streams, self._fd_lane, self._fd_lane_full,
                                      self._append_rest)
                 self._fd.open()
@@ -155,6 +162,8 @@ class Session:
                 self._fd.stop(timeout=1.0)
             if self._drain is not None:
                 self._drain.stop(timeout=1.0)
+            if self._hand_over is not None:
+                self._hand_over.close()
             self._ring.close()
             self._ring.unlink()
             raise
@@ -226,6 +235,7 @@ class Session:
         self._hooks = StreamHooks(streams, self._on_fork, self._on_full)
         self._mode = mode
         self._fd = None
+        self._hand_over = None
 
     def _register(self) -> None:
         on_fork_in_child(self._after_fork)
@@ -333,6 +343,9 @@ class Session:
     def _finish(self) -> None:
         self.state = State.UNINSTALLED
         self._producer = None
+        if self._hand_over is not None:
+            self._hand_over.close()  # a child closes its copy of the sockets
+            self._hand_over = None
         self._ring.close()
         self._ring.unlink()
         remove_fork_handler(self._after_fork)
@@ -477,6 +490,10 @@ class Session:
         self._producer = self._claim_lane(fd.read_ends())
         fd.feed(self._producer)
         fd.run()
+        me = Stamp.current()
+        if self._producer is not None and self._hand_over is not None and self._hand_over.send(
+                self._producer.lane, me.pid, me.start_us, fd.read_ends()):
+            return  # the master holds them from now on, whatever becomes of us
         deadline = time.monotonic() + 0.1  # bounded: never block a child on its master
         while self._producer is not None and not self._producer.pipes_acked:
             if time.monotonic() > deadline:

@@ -103,6 +103,41 @@ def test_a_child_killed_right_after_writing_loses_nothing() -> None:
             assert by_origin[(pid, "stdout")] == [f"doomed {n} line {i}" for i in range(200)]
 
 
+def test_a_child_killed_before_the_master_saw_its_lane_loses_nothing() -> None:
+    """The master's drain is busy (in a callback) the whole time a forked child claims its lane,
+    writes and is killed: nobody opened the child's pipes through /proc while it lived. The
+    child handed their read ends over before it wrote, so the master empties them."""
+    import threading
+
+    entered, release = threading.Event(), threading.Event()
+    records: list[Record] = []
+
+    def on_output(record: Record) -> None:
+        records.append(record)
+        if "hold the drain" in record.text:
+            entered.set()
+            release.wait(60)
+
+    session = safe_redirect.install(on_output=on_output, mode="fd")
+    try:
+        os.write(1, b"hold the drain\n")
+        assert entered.wait(30)
+
+        def child() -> None:
+            os.write(1, b"".join(f"unseen line {i}\n".encode() for i in range(200)))
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        pid = fork_call(child)
+        assert wait_pid(pid, 30) == -signal.SIGKILL
+        release.set()
+        assert session.flush(timeout=30)
+        assert lines_by_origin(records)[(pid, "stdout")] == [
+            f"unseen line {i}" for i in range(200)]
+    finally:
+        release.set()
+        session.uninstall()
+
+
 def _pool_write(x: int) -> int:
     os.write(1, f"pool {x}\n".encode())
     return x
