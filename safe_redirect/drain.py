@@ -314,7 +314,8 @@ class Drain:
         self.errors = 0
         #: fd mode: forked children hand their pipes over through it (None: /proc only)
         self.hand_over: PipeHandOver | None = None
-        self._handed: dict[tuple[int, int, int], dict[int, int]] = {}  # (lane, pid, start) ->
+        #: pipes handed over before their lane's reader exists: (lane, pid, start) -> {stream: fd}
+        self._handed: dict[tuple[int, int, int], dict[int, int]] = {}
 
     @property
     def alive(self) -> bool:
