@@ -17,7 +17,7 @@ import struct
 import termios
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from operator import attrgetter
 
@@ -488,50 +488,48 @@ class Drain:
             self._tag_template, master=lane == self._master_lane)
         reader.refresh = lambda: self._refresh_identity(lane, reader, identity)
         if max(info.pipe_fds) >= 0 and lane != self._master_lane:
-            # fd mode: a second way out of the child. Handed over (see PipeHandOver), else
-            # opened through /proc; a child that died meanwhile handed them over if it wrote
-            key = (lane, info.owner_pid, info.owner_start_us)
+            # fd mode: a second way out of the child, its pipes' read ends: handed over (see
+            # PipeHandOver), else opened through /proc (a child that died before we looked had
+            # handed them over, if it wrote anything)
+            reader.pipes.update(self._handed.pop((lane, info.owner_pid, info.owner_start_us), {}))
             self._receive_pipes()
-            handed = self._handed.pop(key, None)
-            if handed is None:
+            expected = sum(fd >= 0 for fd in info.pipe_fds)
+            if len(reader.pipes) < expected:
                 for stream, fd in enumerate(info.pipe_fds):
-                    ours = open_peer_pipe(info.owner_pid, fd)
-                    if ours is not None:
-                        reader.pipes[stream] = ours
-                if len(reader.pipes) < sum(fd >= 0 for fd in info.pipe_fds):
+                    if stream not in reader.pipes:
+                        ours = open_peer_pipe(info.owner_pid, fd)
+                        if ours is not None:
+                            reader.pipes[stream] = ours
+                if len(reader.pipes) < expected:
                     self._receive_pipes()
-                    handed = self._handed.pop(key, None)
-            if handed is not None:
-                reader.close_pipes()
-                reader.pipes.update(handed)
             self._segment.ack_pipes(lane)  # the child waits (bounded) for this
         return reader
 
     def _receive_pipes(self) -> None:
-        """Take the pipes that children handed over: kept for the lane's reader to come, or
-        dropped if its reader has pipes already (opened through /proc first) or the lane has
-        another owner by now."""
+        """Take the pipes that children handed over: into their lane's reader, or kept for the
+        reader to come; dropped where the reader has that pipe already (opened through /proc
+        first) or the lane has another owner by now."""
         if self.hand_over is None:
             return
         for lane, pid, start_us, fds in self.hand_over.receive():
             info = self._ring.lane_info(lane)
             reader = self._readers.get(lane)
-            owner = (info.owner_pid, info.owner_start_us)
-            if info.state == _ring.LANE_FREE or owner != (pid, start_us) or (
-                    reader is not None and reader.pipes):
-                for fd in fds.values():
-                    os.close(fd)
+            if info.state == _ring.LANE_FREE or (info.owner_pid, info.owner_start_us) != (
+                    pid, start_us):
+                _close_all(fds.values())
             elif reader is not None:
-                reader.pipes.update(fds)
+                for stream, fd in fds.items():
+                    if stream in reader.pipes:
+                        os.close(fd)
+                    else:
+                        reader.pipes[stream] = fd
             else:
-                for fd in self._handed.pop((lane, pid, start_us), {}).values():
-                    os.close(fd)
+                _close_all(self._handed.pop((lane, pid, start_us), {}).values())
                 self._handed[(lane, pid, start_us)] = fds
 
     def _close_handed(self) -> None:
         for fds in self._handed.values():
-            for fd in fds.values():
-                os.close(fd)
+            _close_all(fds.values())
         self._handed.clear()
 
     def _refresh_identity(self, lane: int, reader: LaneReader, seen: int) -> None:
@@ -649,6 +647,11 @@ class Drain:
             self._segment.free(lane)
             self._readers.pop(lane, None)
             self.lanes_reclaimed += 1
+
+
+def _close_all(fds: Iterable[int]) -> None:
+    for fd in fds:
+        os.close(fd)
 
 
 _time_ns = attrgetter("time_ns")
