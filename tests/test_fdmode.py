@@ -138,6 +138,31 @@ def test_a_child_killed_before_the_master_saw_its_lane_loses_nothing() -> None:
         session.uninstall()
 
 
+def test_uninstall_leaves_no_fd_of_its_childrens_pipes_open() -> None:
+    """The read ends of the children's pipes the master holds (handed over, or opened through
+    /proc) are closed when their lanes are freed, and the rest at uninstall()."""
+    def open_fds() -> set[int]:
+        return {int(fd) for fd in os.listdir("/proc/self/fd")
+                if os.path.exists(f"/proc/self/fd/{fd}")}
+
+    before = open_fds()
+    with fd_capture() as (session, records):
+        pids = []
+        for n in range(12):
+            def child(n: int = n) -> None:
+                os.write(1, f"child {n}\n".encode())
+                if n % 3 == 0:
+                    os.kill(os.getpid(), signal.SIGKILL)
+
+            pid = fork_call(child)
+            wait_pid(pid, 30)
+            pids.append(pid)
+        assert session.flush(timeout=30)
+        by_origin = lines_by_origin(records)
+        assert [by_origin[(pid, "stdout")] for pid in pids] == [[f"child {n}"] for n in range(12)]
+    assert open_fds() == before
+
+
 def _pool_write(x: int) -> int:
     os.write(1, f"pool {x}\n".encode())
     return x
