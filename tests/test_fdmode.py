@@ -160,6 +160,10 @@ def test_uninstall_leaves_no_fd_of_its_childrens_pipes_open() -> None:
         assert session.flush(timeout=30)
         by_origin = lines_by_origin(records)
         assert [by_origin[(pid, "stdout")] for pid in pids] == [[f"child {n}"] for n in range(12)]
+    # the pump tees on after uninstall() until nothing writes to its pipes, then closes its fds
+    # (the pump of the moment: a fork ends it and starts another)
+    assert session._fd is not None and session._fd._thread is not None
+    session._fd._thread.join(30)
     assert open_fds() == before
 
 
