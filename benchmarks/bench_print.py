@@ -4,9 +4,12 @@ The "terminal" is /dev/null. Cases:
 - wrap, buffered: sys.stdout is a block-buffered text stream, as it is whenever stdout is not a
   terminal; hooked = the stream object install(mode="wrap") hooked. The target case.
 - wrap, write-through: the same under PYTHONUNBUFFERED=1 (every print reaches the fd).
-- fd, buffered: a block-buffered text stream on fd 1; hooked = fd 1 is the child's own pipe,
-  emptied by its pump thread, which tees to the terminal and appends to the ring. The clock runs
-  until the pump has captured every byte (counted in the process's own lane), so its work counts.
+- fd, buffered: a block-buffered text stream on fd 1, the object sys.stdout is at install();
+  hooked = fd mode: its hooks capture each print with its thread and write to the terminal
+  (before 2026-12: fd 1 was the child's own pipe, emptied by its pump thread, which teed to the
+  terminal and appended to the ring). The clock runs until every byte is in the process's own
+  lane, so a pump's work counts.
+- fd, write-through: the same under PYTHONUNBUFFERED=1.
 
 Wall time is the figure; the ratio of the process's CPU time (all its threads: the fd pump
 too) is shown beside it, as it does not count the time the process waited for a core that a
@@ -35,6 +38,7 @@ CASES = {  # name -> (mode, stream kind)
     "wrap, buffered": ("wrap", "buffered"),
     "wrap, write-through": ("wrap", "write-through"),
     "fd, buffered": ("fd", "buffered"),
+    "fd, write-through": ("fd", "write-through"),
 }
 TARGET_CASES = ("wrap, buffered", "fd, buffered")
 
@@ -75,15 +79,14 @@ def _measure_once(mode: str, kind: str, hooked: bool, n: int) -> dict[str, Any]:
             with harness.as_stdout(stream):
                 session = safe_redirect.install(lambda r: None, streams=("stdout",))
     else:
-        stream = fd1_stream()  # fd 1 is /dev/null here (run() sees to it), or a pipe once hooked
-        if hooked:
-            session = safe_redirect.install(lambda r: None, mode="fd", streams=("stdout",))
+        stream = fd1_stream(kind)  # fd 1 is /dev/null here (run() sees to it), a pipe once hooked
+        if hooked:  # as sys.stdout is at install(): fd mode hooks it too
+            with harness.as_stdout(stream):
+                session = safe_redirect.install(lambda r: None, mode="fd", streams=("stdout",))
     fd_session = session if hooked and mode == "fd" else None
     try:
-        def child() -> str:
-            # wrap: the inherited (hooked or plain) stream; fd: a stream on the child's fd 1
-            return repr(print_loop(stream if mode == "wrap" else fd1_stream(), n,
-                                   _waiter(fd_session)))
+        def child() -> str:  # the inherited (hooked or plain) stream
+            return repr(print_loop(stream, n, _waiter(fd_session)))
 
         out: dict[str, Any] = {"child": tuple(map(float, in_child(child).strip("()").split(",")))}
         out["master"] = print_loop(stream, n, _waiter(fd_session))

@@ -226,9 +226,13 @@ def devnull_stream(kind: str = "buffered") -> TextIO:
     return io.TextIOWrapper(io.FileIO(os.devnull, "w"), encoding="utf-8", write_through=True)
 
 
-def fd1_stream() -> TextIO:
-    """A block-buffered text stream on fd 1, as sys.stdout is when fd 1 is not a terminal."""
-    return open(1, "w", encoding="utf-8", closefd=False)
+def fd1_stream(kind: str = "buffered") -> TextIO:
+    """A text stream on fd 1: `buffered` as sys.stdout is when fd 1 is not a terminal, or
+    `write-through` as PYTHONUNBUFFERED=1 makes it."""
+    if kind == "buffered":
+        return open(1, "w", encoding="utf-8", closefd=False)
+    return io.TextIOWrapper(io.FileIO(1, "w", closefd=False), encoding="utf-8",
+                            write_through=True)
 
 
 @contextlib.contextmanager

@@ -31,6 +31,11 @@
  *      +136 u32 space_waiting 1 while the producer sleeps for room; +140 u32 space_bell, its futex
  *      +144 i32 pipe_fds[2]  fd mode: the owner's pipe read ends for stdout and stderr, -1 if none
  *      +152 u32 pipes_acked  fd mode: 1 once the consumer opened read ends of its own
+ *      +156 u32 identity     bumped each time the owner sets rank and name anew (the consumer
+ *                            renders the tag again): a lane claimed at fork, before a launcher
+ *                            named the process, gets the name the process has at its first write
+ *      +160 u32 pipe_thread  fd mode: the thread number that bytes from the owner's pipes carry
+ *                            (what the consumer recovers from them continues those lines)
  *     data, lane_bytes: a byte ring of records, each
  *      u32 len | u8 stream | u8 flags | u16 thread | i32 rank | u32 zero | u64 time_ns |
  *      len payload bytes | pad to 8
@@ -44,8 +49,11 @@
  *
  * Single producer per lane: a lane belongs to one process, and a record is written by one C call
  * that holds the GIL from the space check to the publish of tail, so threads of one process need
- * no lock. In fd mode the process's pump thread is its lane's only writer and appends without
- * the GIL (ring_pump). Nothing here ever takes a lock that a fork could leave held.
+ * no lock. In fd mode a lane has two writers in its process: the write hooks (Python-level
+ * writes, with the GIL) and the pump thread (what reached the pipes on fds 1 and 2, without the
+ * GIL); a lock of the Producer object, in process memory, serialises them (see "fd mode's two
+ * paths" below). It is never shared with another process, and a forked child makes producers of
+ * its own, so a fork cannot leave it held where it is used.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -90,6 +98,7 @@
 #define KIND_BYTES 1
 #define KIND_FLUSH 2
 #define KIND_BUFFER_FLUSH 3 /* a buffer's flush: a no-op for us inside a text-layer call */
+#define KIND_RAW 4 /* fd mode: the FileIO write at the bottom of a stream, aimed at the terminal */
 
 typedef struct {
     uint64_t magic;
@@ -126,7 +135,9 @@ typedef struct {
     _Atomic uint32_t space_bell;    /* futex word, bumped when the consumer frees space */
     _Atomic int32_t pipe_fds[2];    /* fd mode: the owner's pipe read ends, -1 if none */
     _Atomic uint32_t pipes_acked;   /* fd mode: 1 once the consumer holds its own read ends */
-    char pad2[64 - 28];
+    _Atomic uint32_t identity;      /* bumped when the owner sets rank and name anew */
+    _Atomic uint32_t pipe_thread;   /* fd mode: the thread number of bytes from the pipes */
+    char pad2[64 - 36];
 } lane_header;
 
 _Static_assert(sizeof(seg_header) == SEG_HEADER, "segment header layout");
@@ -140,6 +151,10 @@ static _Atomic uint64_t fork_generation = 0;
 /* How deep this thread is inside a hooked text-layer call. TextIOWrapper hands its encoded bytes to
  * `buffer.write` through a normal attribute lookup, so a hooked buffer would see them a second time. */
 static _Thread_local int text_depth = 0;
+
+/* How many writes this thread made to a terminal through a KIND_RAW hook: a hook compares it
+ * around the call it stands in for, to know that the pipes were just taken (fd mode). */
+static _Thread_local unsigned long raw_writes = 0;
 
 /* This thread's number in the records it writes; 0 until its first write. */
 static _Thread_local uint16_t thread_slot = 0;
@@ -247,10 +262,12 @@ static void ring_bell(seg_header *seg) {
     futex_wake_all(&seg->bell);
 }
 
-/* Append `len` bytes as one or more records. Returns the payload bytes published: `len` when all
- * fit, less when the lane filled up (the caller decides how to wait), -1 when the segment is closed. */
+/* Append `len` bytes as one or more records, written by thread `slot` of rank `rank`. Returns the
+ * payload bytes published: `len` when all fit, less when the lane filled up (the caller decides
+ * how to wait), -1 when the segment is closed. */
 static int64_t ring_append(seg_header *seg, lane_header *lane, unsigned stream, unsigned flags,
-                           unsigned first_flags, const char *src, uint64_t len) {
+                           unsigned first_flags, const char *src, uint64_t len, uint16_t slot,
+                           int32_t rank) {
     if (atomic_load_explicit(&seg->closed, memory_order_relaxed)) return -1;
     uint64_t cap = seg->lane_bytes;
     uint64_t max_chunk = cap / 2 - REC_HEADER;
@@ -258,7 +275,6 @@ static int64_t ring_append(seg_header *seg, lane_header *lane, unsigned stream, 
     uint64_t tail = atomic_load_explicit(&lane->tail, memory_order_relaxed);
     uint64_t head = atomic_load_explicit(&lane->head, memory_order_acquire);
     uint64_t done = 0, nrec = 0, t = now_ns();
-    uint16_t slot = current_thread_slot();
     do {
         uint64_t chunk = len - done < max_chunk ? len - done : max_chunk;
         uint64_t need = align8(REC_HEADER + chunk);
@@ -270,7 +286,7 @@ static int64_t ring_append(seg_header *seg, lane_header *lane, unsigned stream, 
         hdr[5] = (unsigned char)(flags | (nrec ? 0u : first_flags) |
                                  (done + chunk < len ? FLAG_CONT : 0u));
         memcpy(hdr + 6, &slot, 2);
-        memcpy(hdr + 8, &thread_rank, 4);
+        memcpy(hdr + 8, &rank, 4);
         memset(hdr + 12, 0, 4);
         memcpy(hdr + 16, &t, 8);
         ring_copy_in(data, cap, tail, (const char *)hdr, REC_HEADER);
@@ -468,6 +484,7 @@ static PyObject *Segment_claim(SegmentObject *self, PyObject *args) {
             atomic_store(&lane->pipe_fds[0], out_fd);
             atomic_store(&lane->pipe_fds[1], err_fd);
             atomic_store(&lane->pipes_acked, 0u);
+            atomic_store(&lane->pipe_thread, 0u);
             atomic_store_explicit(&lane->state, LANE_ACTIVE, memory_order_release);
             if (out_fd >= 0 || err_fd >= 0) ring_bell(self->hdr); /* come and take the pipes */
             return PyLong_FromUnsignedLong(i);
@@ -528,6 +545,24 @@ static PyObject *Segment_lane_info(SegmentObject *self, PyObject *arg) {
         (unsigned long long)atomic_load(&lane->spilled_bytes),
         (unsigned long long)atomic_load(&lane->stalls), name, (int)atomic_load(&lane->pipe_fds[0]),
         (int)atomic_load(&lane->pipe_fds[1]));
+}
+
+/* How often the owner of a lane set its rank and name anew (Producer.set_identity). */
+static PyObject *Segment_identity(SegmentObject *self, PyObject *arg) {
+    long i = PyLong_AsLong(arg);
+    if (i == -1 && PyErr_Occurred()) return NULL;
+    lane_header *lane = segment_lane(self, i);
+    if (!lane) return NULL;
+    return PyLong_FromUnsignedLong(atomic_load_explicit(&lane->identity, memory_order_acquire));
+}
+
+/* fd mode: the thread number that bytes from the pipes of a lane's owner carry (0: none). */
+static PyObject *Segment_pipe_thread(SegmentObject *self, PyObject *arg) {
+    long i = PyLong_AsLong(arg);
+    if (i == -1 && PyErr_Occurred()) return NULL;
+    lane_header *lane = segment_lane(self, i);
+    if (!lane) return NULL;
+    return PyLong_FromUnsignedLong(atomic_load(&lane->pipe_thread));
 }
 
 /* Reads the record header at `pos`; 0 if it is not a sane record below `tail`. */
@@ -794,6 +829,10 @@ static PyMethodDef Segment_methods[] = {
     {"busy_lanes", (PyCFunction)Segment_busy_lanes, METH_NOARGS, "lanes that have an owner"},
     {"lanes_with_data", (PyCFunction)Segment_lanes_with_data, METH_NOARGS,
      "how many lanes hold unread bytes"},
+    {"pipe_thread", (PyCFunction)Segment_pipe_thread, METH_O,
+     "pipe_thread(lane) -> fd mode: the thread number of bytes from its owner's pipes (0: none)"},
+    {"identity", (PyCFunction)Segment_identity, METH_O,
+     "identity(lane) -> how often its owner set rank and name anew"},
     {"lane_info", (PyCFunction)Segment_lane_info, METH_O,
      "(owner_pid, state, owner_start, rank, head, tail, records, bytes, spilled_records, "
      "spilled_bytes, stalls, name, (stdout_pipe_fd, stderr_pipe_fd))"},
@@ -836,7 +875,41 @@ typedef struct {
     unsigned skip_line;  /* bit per stream: the line being written there was spilled in part */
     unsigned mid_line;   /* bit per stream: what this process published there ends inside a line */
     unsigned gap;        /* bit per stream: its next record carries FLAG_GAP */
+    /* fd mode (see "fd mode's two paths"): the pipes that feed this lane besides the hooks */
+    _Atomic uint32_t lock;    /* 0 free, 1 held, 2 held with waiters (a futex word) */
+    int feed_read[2];         /* per stream: the read end of its pipe, -1 if none */
+    int feed_terminal[2];     /* per stream: the saved terminal, where Python's bytes go */
+    uint16_t feed_slot;       /* the thread number that bytes from the pipes carry */
+    _Atomic int32_t feed_rank; /* and their rank (the process's, as the pump last read it) */
+    unsigned hook_mid_line;   /* bit per stream: the hooks' last append ended inside a line */
+    unsigned raw_mid_line;    /* bit per stream: the last write to the terminal did */
+    char *take_buf;           /* where a hook takes what the pipes hold */
+    /* per stream: what the hooks captured of a buffered stream whose bytes have not reached the
+     * terminal yet, as entries (stage_entry, payload); appended at the stream's next raw write */
+    char *stage[2];
+    size_t stage_len[2], stage_cap[2];
+    size_t stage_last[2]; /* offset of the last entry: a write of the same thread joins it */
 } ProducerObject;
+
+typedef struct {
+    uint32_t len;
+    uint16_t slot;
+    uint8_t flags, pad;
+    int32_t rank;
+} stage_entry;
+
+static void producer_init_feed(ProducerObject *p) {
+    p->lock = 0;
+    p->feed_read[0] = p->feed_read[1] = p->feed_terminal[0] = p->feed_terminal[1] = -1;
+    p->feed_slot = 0;
+    p->feed_rank = -1;
+    p->hook_mid_line = p->raw_mid_line = 0;
+    p->take_buf = NULL;
+    for (int s = 0; s < 2; s++) {
+        p->stage[s] = NULL;
+        p->stage_len[s] = p->stage_cap[s] = p->stage_last[s] = 0;
+    }
+}
 
 static PyObject *Segment_producer(SegmentObject *self, PyObject *arg) {
     long i = PyLong_AsLong(arg);
@@ -852,6 +925,7 @@ static PyObject *Segment_producer(SegmentObject *self, PyObject *arg) {
     p->generation = atomic_load(&fork_generation);
     p->detached = 0;
     p->skip_line = p->mid_line = p->gap = 0;
+    producer_init_feed(p);
     return (PyObject *)p;
 }
 
@@ -866,12 +940,158 @@ static PyObject *Segment_placeholder(SegmentObject *self, PyObject *unused) {
     p->generation = UINT64_MAX; /* never the current generation: the first write attaches */
     p->detached = 1;
     p->skip_line = p->mid_line = p->gap = 0;
+    producer_init_feed(p);
     return (PyObject *)p;
 }
 
 static void Producer_dealloc(ProducerObject *self) {
     Py_XDECREF(self->segment);
+    PyMem_RawFree(self->take_buf);
+    PyMem_RawFree(self->stage[0]);
+    PyMem_RawFree(self->stage[1]);
     PyObject_Free(self);
+}
+
+/* ---- fd mode's two paths
+ *
+ * In fd mode Python-level writes (print, sys.stdout.write, .buffer.write) are captured by the
+ * hooks, which know the writing thread (its line is rebuilt on its own, under its rank), and
+ * the bottom of sys.stdout / sys.stderr (their FileIO) writes to the saved terminal instead of
+ * fd 1 / 2 (a KIND_RAW hook): only what bypasses them (C libraries, os.write, os.system) goes
+ * through the pipes, where the pump thread reads it. Both append to the process's lane, so
+ * `lock` makes their appends, the pipes' reads and the writes to the terminal one sequence:
+ * - the pump reads, appends and tees under the lock;
+ * - a raw write (the bytes of a print reaching the terminal) first takes what the pipes hold
+ *   (producer_take_pipes) when it starts a line or follows staged text, then appends what the
+ *   hooks staged for its stream, then writes: a C write followed by a print lands in that order
+ *   in the lane and on the terminal; a print followed by a C write is in order anyway;
+ * - a hook on a stream whose bytes reach the terminal through a raw hook (`terminal`) appends
+ *   what it captured at once if the call wrote to the terminal (write-through, line-buffered,
+ *   a buffer that filled up), else stages it (a block-buffered stream): where the bytes of a
+ *   print wait in the stream's buffer, their record waits too, and the order is the
+ *   terminal's. No system call per print on a buffered stream; one ioctl per line on a
+ *   write-through one. A hook on any other stream (not on fd 1 / 2) appends at once.
+ * Bytes from the pipes carry one thread number of their own (feed_slot) whoever moves them, so
+ * that a C line split between the pump and a hook is rebuilt as one line.
+ * Whoever waits for the lock and holds the GIL lets it go first (producer_lock_gil); the pump
+ * never takes the GIL while holding the lock. */
+
+static int producer_feeding(ProducerObject *p) {
+    return p->feed_read[0] >= 0 || p->feed_read[1] >= 0;
+}
+
+/* Without the GIL. */
+static void producer_lock_nogil(ProducerObject *p) {
+    uint32_t c = 0;
+    if (atomic_compare_exchange_strong(&p->lock, &c, 1u)) return;
+    if (c != 2u) c = atomic_exchange(&p->lock, 2u);
+    while (c != 0u) {
+        futex_wait(&p->lock, 2u, 0.01);
+        c = atomic_exchange(&p->lock, 2u);
+    }
+}
+
+/* Holding the GIL: let it go while the lock is taken elsewhere. */
+static void producer_lock_gil(ProducerObject *p) {
+    uint32_t c = 0;
+    if (atomic_compare_exchange_strong(&p->lock, &c, 1u)) return;
+    Py_BEGIN_ALLOW_THREADS
+    producer_lock_nogil(p);
+    Py_END_ALLOW_THREADS
+}
+
+static void producer_unlock(ProducerObject *p) {
+    if (atomic_exchange(&p->lock, 0u) == 2u) futex_wake_all(&p->lock);
+}
+
+/* Whether the pipe of `stream` holds bytes nobody has read yet: one ioctl. */
+static int pipe_holds_bytes(ProducerObject *p, int stream) {
+    int fd = p->feed_read[stream], held = 0;
+    return fd >= 0 && ioctl(fd, FIONREAD, &held) == 0 && held > 0;
+}
+
+static void producer_take_pipes(ProducerObject *p); /* with the pump, below */
+
+#define STAGE_MAX (64u * 1024u) /* more staged than a stream buffers: a stream we do not see flush */
+
+static int64_t producer_append_as(ProducerObject *p, unsigned stream, unsigned flags,
+                                  const char *buf, uint64_t len, uint16_t slot, int32_t rank);
+
+/* Stage a captured write (lock held). A write of the thread that staged the last entry joins it:
+ * one record per thread and flush instead of one per write, for the lane and for the drain.
+ * -1: no memory (the caller appends it at once instead). */
+static int stage_add(ProducerObject *p, int s, const char *buf, uint64_t len, unsigned flags) {
+    uint16_t slot = current_thread_slot();
+    if (p->stage_len[s] && !flags) {
+        stage_entry last;
+        memcpy(&last, p->stage[s] + p->stage_last[s], sizeof last);
+        if (last.slot == slot && last.rank == thread_rank && !last.flags &&
+            last.len + len <= STAGE_MAX && p->stage_len[s] + len <= p->stage_cap[s]) {
+            memcpy(p->stage[s] + p->stage_len[s], buf, (size_t)len);
+            p->stage_len[s] += (size_t)len;
+            last.len += (uint32_t)len;
+            memcpy(p->stage[s] + p->stage_last[s], &last, sizeof last);
+            return 0;
+        }
+    }
+    size_t need = p->stage_len[s] + sizeof(stage_entry) + (size_t)len;
+    if (need > p->stage_cap[s]) {
+        size_t cap = p->stage_cap[s] ? p->stage_cap[s] * 2 : 4096;
+        while (cap < need) cap *= 2;
+        char *grown = PyMem_RawRealloc(p->stage[s], cap);
+        if (!grown) return -1;
+        p->stage[s] = grown;
+        p->stage_cap[s] = cap;
+    }
+    stage_entry e = {(uint32_t)len, slot, (uint8_t)flags, 0, thread_rank};
+    p->stage_last[s] = p->stage_len[s];
+    memcpy(p->stage[s] + p->stage_len[s], &e, sizeof e);
+    memcpy(p->stage[s] + p->stage_len[s] + sizeof e, buf, (size_t)len);
+    p->stage_len[s] = need;
+    return 0;
+}
+
+/* What a full lane left of the staged entries: the caller (lock released, GIL held) hands it to
+ * the overflow policy, entry by entry, as the thread that wrote it. */
+typedef struct {
+    char *buf;       /* owned; NULL if nothing is left */
+    size_t len, pos; /* entries from `pos` on */
+    uint64_t done;   /* bytes of the entry at `pos` already appended */
+} stage_left;
+
+/* Append the entries staged for stream s, each as its writer (lock held). */
+static stage_left stage_move(ProducerObject *p, int s) {
+    stage_left left = {NULL, 0, 0, 0};
+    size_t pos = 0, len = p->stage_len[s];
+    char *buf = p->stage[s];
+    while (pos < len) {
+        stage_entry e;
+        memcpy(&e, buf + pos, sizeof e);
+        int64_t n = producer_append_as(p, (unsigned)s, e.flags, buf + pos + sizeof e, e.len,
+                                       e.slot, e.rank);
+        if (n >= 0 && (uint64_t)n < e.len) { /* full: the rest goes to the overflow policy */
+            left.buf = buf;
+            left.len = len;
+            left.pos = pos;
+            left.done = (uint64_t)n;
+            p->stage[s] = NULL;
+            p->stage_cap[s] = 0;
+            break;
+        }
+        pos += sizeof e + e.len;
+    }
+    p->stage_len[s] = 0;
+    return left;
+}
+
+/* Lock held, GIL held: what the pipes hold goes first, then what is staged for stream s. */
+static stage_left take_then_move(ProducerObject *p, int s) {
+    if (pipe_holds_bytes(p, s)) {
+        Py_BEGIN_ALLOW_THREADS
+        producer_take_pipes(p);
+        Py_END_ALLOW_THREADS
+    }
+    return stage_move(p, s);
 }
 
 static int producer_live(ProducerObject *p) {
@@ -879,9 +1099,10 @@ static int producer_live(ProducerObject *p) {
            !atomic_load(&p->segment->releasing);
 }
 
-/* Returns bytes published, or -1 when the producer is detached. */
-static int64_t producer_append(ProducerObject *p, unsigned stream, unsigned flags, const char *buf,
-                               uint64_t len) {
+/* Returns bytes published, or -1 when the producer is detached. In fd mode the caller holds
+ * the lock. */
+static int64_t producer_append_as(ProducerObject *p, unsigned stream, unsigned flags,
+                                  const char *buf, uint64_t len, uint16_t slot, int32_t rank) {
     if (!producer_live(p)) return -1;
     uint64_t skipped = 0;
     if ((p->skip_line >> stream) & 1u && len) {
@@ -898,7 +1119,7 @@ static int64_t producer_append(ProducerObject *p, unsigned stream, unsigned flag
     }
     unsigned bit = 1u << stream;
     int64_t n = ring_append(p->segment->hdr, p->lane, stream, flags, p->gap & bit ? FLAG_GAP : 0u,
-                            buf + skipped, len - skipped);
+                            buf + skipped, len - skipped, slot, rank);
     if (n < 0) {
         p->detached = 1;
         return n;
@@ -909,6 +1130,12 @@ static int64_t producer_append(ProducerObject *p, unsigned stream, unsigned flag
         p->mid_line = last == '\n' || last == '\r' ? p->mid_line & ~bit : p->mid_line | bit;
     }
     return n + (int64_t)skipped;
+}
+
+/* The same, written by the calling thread. */
+static int64_t producer_append(ProducerObject *p, unsigned stream, unsigned flags, const char *buf,
+                               uint64_t len) {
+    return producer_append_as(p, stream, flags, buf, len, current_thread_slot(), thread_rank);
 }
 
 static PyObject *Producer_append(ProducerObject *self, PyObject *const *args, Py_ssize_t nargs) {
@@ -926,8 +1153,11 @@ static PyObject *Producer_append(ProducerObject *self, PyObject *const *args, Py
         PyErr_SetString(PyExc_ValueError, "stream must be 0..7 and flags 0..255");
         return NULL;
     }
+    int feeding = producer_feeding(self);
+    if (feeding) producer_lock_gil(self);
     int64_t n = producer_append(self, (unsigned)stream, (unsigned)flags, data.buf,
                                 (uint64_t)data.len);
+    if (feeding) producer_unlock(self);
     PyBuffer_Release(&data);
     return PyLong_FromLongLong(n);
 }
@@ -985,12 +1215,15 @@ static PyObject *Producer_spilled(ProducerObject *self, PyObject *args) {
         return NULL;
     }
     unsigned bit = 1u << stream;
+    int feeding = producer_feeding(self);
+    if (feeding) producer_lock_gil(self);
     if (self->mid_line & bit) self->gap |= bit;
     self->mid_line &= ~bit;
     if (line_ended)
         self->skip_line &= ~bit;
     else
         self->skip_line |= bit;
+    if (feeding) producer_unlock(self);
     Py_RETURN_NONE;
 }
 
@@ -1000,6 +1233,100 @@ static PyObject *Producer_close(ProducerObject *self, PyObject *unused) {
     wait_for_pumps(); /* the master frees a closed lane: nothing may land after */
     if (live) atomic_store(&self->lane->state, LANE_CLOSED);
     if (self->lane && self->segment->has_view) ring_bell(self->segment->hdr);
+    Py_RETURN_NONE;
+}
+
+#define TAKE_BYTES (64u * 1024u)
+
+/* fd mode: the pipes that feed this lane, their saved terminals (-1 where a stream is not
+ * captured). From now on the hooks and the pump share the lane (see "fd mode's two paths"). */
+static PyObject *Producer_feed(ProducerObject *self, PyObject *args) {
+    int read_fds[2], terminal_fds[2];
+    if (!PyArg_ParseTuple(args, "(ii)(ii)", &read_fds[0], &read_fds[1], &terminal_fds[0],
+                          &terminal_fds[1]))
+        return NULL;
+    if (!self->take_buf) {
+        self->take_buf = PyMem_RawMalloc(TAKE_BYTES);
+        if (!self->take_buf) return PyErr_NoMemory();
+    }
+    producer_lock_gil(self);
+    if (!self->feed_slot) self->feed_slot = (uint16_t)(atomic_fetch_add(&next_thread_slot, 1) % 65535u + 1);
+    if (producer_live(self)) atomic_store(&self->lane->pipe_thread, self->feed_slot);
+    for (int s = 0; s < 2; s++) {
+        self->feed_read[s] = read_fds[s];
+        self->feed_terminal[s] = terminal_fds[s];
+    }
+    producer_unlock(self);
+    Py_RETURN_NONE;
+}
+
+/* Lock held, GIL held: what the pipes hold, then what the hooks staged for stream s, into the
+ * lane; what a full lane cannot take is counted as spilled. */
+static void unstage_stream(ProducerObject *p, int s) {
+    if (!p->stage_len[s]) return;
+    stage_left left = take_then_move(p, s);
+    for (size_t pos = left.pos; left.buf && pos < left.len;) {
+        stage_entry e;
+        memcpy(&e, left.buf + pos, sizeof e);
+        if (p->lane && p->segment->has_view) {
+            atomic_fetch_add(&p->lane->spilled_records, 1);
+            atomic_fetch_add(&p->lane->spilled_bytes, e.len - (pos == left.pos ? left.done : 0));
+        }
+        pos += sizeof e + e.len;
+    }
+    PyMem_RawFree(left.buf);
+}
+
+static int producer_of_this_process(ProducerObject *p) {
+    return p->generation == atomic_load_explicit(&fork_generation, memory_order_relaxed);
+}
+
+/* What the hooks staged goes into the lane now, after what the pipes hold (a flush, an exit, the
+ * hooks coming off). What a full lane cannot take is counted as spilled. */
+static PyObject *Producer_unstage(ProducerObject *self, PyObject *unused) {
+    if (!producer_feeding(self) || !producer_of_this_process(self)) Py_RETURN_NONE;
+    producer_lock_gil(self);
+    for (int s = 0; s < 2; s++) unstage_stream(self, s);
+    producer_unlock(self);
+    Py_RETURN_NONE;
+}
+
+/* fd mode ends for `stream` (-1: both), before its pipe's read end and its saved terminal
+ * close: what is staged for it goes into the lane first, and the hooks write through again.
+ * The lane must never hold an fd number after its owner closed it (the number is reused). */
+static PyObject *Producer_unfeed(ProducerObject *self, PyObject *args) {
+    int stream = -1;
+    if (!PyArg_ParseTuple(args, "|i", &stream)) return NULL;
+    if (stream < -1 || stream > 1) {
+        PyErr_SetString(PyExc_ValueError, "stream must be 0, 1 or -1 (both)");
+        return NULL;
+    }
+    producer_lock_gil(self);
+    for (int s = 0; s < 2; s++) {
+        if (stream >= 0 && s != stream) continue;
+        if (producer_of_this_process(self)) unstage_stream(self, s);
+        self->feed_read[s] = self->feed_terminal[s] = -1;
+    }
+    producer_unlock(self);
+    Py_RETURN_NONE;
+}
+
+/* The owner's rank and name, set anew (a launcher named the process after the lane was claimed):
+ * the consumer sees `identity` move and renders the tag again. */
+static PyObject *Producer_set_identity(ProducerObject *self, PyObject *args) {
+    long long rank;
+    const char *name;
+    Py_ssize_t name_len;
+    if (!PyArg_ParseTuple(args, "Ly#", &rank, &name, &name_len)) return NULL;
+    if (!producer_live(self)) Py_RETURN_NONE;
+    lane_header *lane = self->lane;
+    char fresh[sizeof lane->name];
+    memset(fresh, 0, sizeof fresh);
+    memcpy(fresh, name, (size_t)(name_len < 31 ? name_len : 31));
+    if (lane->rank == rank && memcmp(lane->name, fresh, sizeof fresh) == 0) Py_RETURN_NONE;
+    lane->rank = rank;
+    memcpy(lane->name, fresh, sizeof fresh);
+    atomic_fetch_add_explicit(&lane->identity, 1u, memory_order_release);
     Py_RETURN_NONE;
 }
 
@@ -1020,6 +1347,10 @@ static PyObject *Producer_progress(ProducerObject *self, void *closure) {
 static PyObject *Producer_get_pipes_acked(ProducerObject *self, void *closure) {
     if (!self->lane || !self->segment->has_view) Py_RETURN_FALSE;
     return PyBool_FromLong(atomic_load(&self->lane->pipes_acked));
+}
+
+static PyObject *Producer_get_feeding(ProducerObject *self, void *closure) {
+    return PyBool_FromLong(producer_feeding(self));
 }
 
 static PyObject *Producer_get_live(ProducerObject *self, void *closure) {
@@ -1043,6 +1374,7 @@ static PyGetSetDef Producer_getset[] = {
     {"segment", (getter)Producer_get_segment, NULL, NULL, NULL},
     {"generation", (getter)Producer_get_generation, NULL, NULL, NULL},
     {"live", (getter)Producer_get_live, NULL, NULL, NULL},
+    {"feeding", (getter)Producer_get_feeding, NULL, "fd mode: pipes feed this lane too", NULL},
     {"pipes_acked", (getter)Producer_get_pipes_acked, NULL,
      "fd mode: the consumer holds read ends of this process's pipes", NULL},
     {"head", (getter)Producer_head, NULL, "bytes the consumer has taken from this lane", NULL},
@@ -1063,6 +1395,16 @@ static PyMethodDef Producer_methods[] = {
      "spilled(stream, line_ended): the rest of a write was spilled; keep the lane's lines whole"},
     {"close", (PyCFunction)Producer_close, METH_NOARGS,
      "mark the lane closed: the consumer drains it, then frees it"},
+    {"feed", (PyCFunction)Producer_feed, METH_VARARGS,
+     "feed((stdout_read, stderr_read), (stdout_terminal, stderr_terminal)): fd mode, the pipes "
+     "that feed this lane besides the hooks, and the terminals Python's writes go to"},
+    {"unstage", (PyCFunction)Producer_unstage, METH_NOARGS,
+     "fd mode: what the hooks staged for buffered streams goes into the lane now"},
+    {"unfeed", (PyCFunction)Producer_unfeed, METH_VARARGS,
+     "unfeed(stream=-1): fd mode ends for stream (-1: both): what is staged for it goes into "
+     "the lane, its pipe and terminal are forgotten (before they close)"},
+    {"set_identity", (PyCFunction)Producer_set_identity, METH_VARARGS,
+     "set_identity(rank, name): the owner's rank (-1: none) and name, set anew"},
     {NULL},
 };
 
@@ -1092,6 +1434,7 @@ typedef struct {
     unsigned long host_thread; /* nor from this one: a host re-writing what reached fd 1 or 2 */
     int stream;
     int kind;
+    int terminal; /* fd mode: a KIND_RAW hook of ours under this one writes the stream's bytes */
 } HookObject;
 
 static void report_unraisable(PyObject *hook, const char *what) {
@@ -1113,7 +1456,38 @@ static void hook_check_fork(HookObject *self) {
     Py_XDECREF(r);
 }
 
-static int hook_capture(HookObject *self, const char *buf, uint64_t len, unsigned flags) {
+/* Hand what a full lane left of staged entries to the overflow policy, each entry as the thread
+ * that wrote it (on_full appends with the calling thread's number and rank). GIL held, lock not. */
+static void stage_overflow(HookObject *self, int s, stage_left left) {
+    uint16_t my_slot = current_thread_slot();
+    int32_t my_rank = thread_rank;
+    for (size_t pos = left.pos; left.buf && pos < left.len;) {
+        stage_entry e;
+        memcpy(&e, left.buf + pos, sizeof e);
+        uint64_t done = pos == left.pos ? left.done : 0;
+        PyObject *rest = PyBytes_FromStringAndSize(left.buf + pos + sizeof e + done,
+                                                   (Py_ssize_t)(e.len - done));
+        pos += sizeof e + e.len;
+        if (!rest) {
+            PyErr_Clear();
+            continue;
+        }
+        thread_slot = e.slot;
+        thread_rank = e.rank;
+        PyObject *r = PyObject_CallFunction(self->on_full, "OiN", (PyObject *)self, s, rest);
+        thread_slot = my_slot;
+        thread_rank = my_rank;
+        if (!r)
+            report_unraisable((PyObject *)self, "safe_redirect: handling a full lane failed");
+        Py_XDECREF(r);
+    }
+    PyMem_RawFree(left.buf);
+}
+
+/* Capture what the call wrote. `raw_written`: the call wrote to the terminal through a KIND_RAW
+ * hook, which took the pipes and the staged writes just before (fd mode). */
+static int hook_capture(HookObject *self, const char *buf, uint64_t len, unsigned flags,
+                        int raw_written) {
     if (self->producer == Py_None) return 0;
     if (self->skip_thread || self->host_thread) {
         unsigned long me = PyThread_get_thread_ident();
@@ -1122,11 +1496,30 @@ static int hook_capture(HookObject *self, const char *buf, uint64_t len, unsigne
     ProducerObject *p = (ProducerObject *)self->producer;
     if (p->generation != atomic_load_explicit(&fork_generation, memory_order_relaxed))
         return 0; /* never write into a lane of another process */
-    int64_t n = producer_append(p, (unsigned)self->stream, flags, buf, len);
+    int64_t n;
+    int s = self->stream;
+    stage_left left = {NULL, 0, 0, 0};
+    if (producer_feeding(p) && s < 2) {
+        producer_lock_gil(p);
+        if (self->terminal && len && !raw_written && p->feed_terminal[s] >= 0 &&
+            stage_add(p, s, buf, len, flags) == 0) {
+            /* a buffered stream: the record waits with the bytes (see "fd mode's two paths") */
+            if (p->stage_len[s] > STAGE_MAX) left = take_then_move(p, s);
+            producer_unlock(p);
+            stage_overflow(self, s, left);
+            return 0;
+        }
+        if (self->terminal && !raw_written && p->stage_len[s]) left = take_then_move(p, s);
+        n = producer_append(p, (unsigned)s, flags, buf, len);
+        producer_unlock(p);
+        stage_overflow(self, s, left);
+    } else {
+        n = producer_append(p, (unsigned)s, flags, buf, len);
+    }
     if (n < 0 || (uint64_t)n == len) return 0;
     PyObject *rest = PyBytes_FromStringAndSize(buf + n, (Py_ssize_t)(len - (uint64_t)n));
     if (!rest) return -1;
-    PyObject *r = PyObject_CallFunction(self->on_full, "OiN", (PyObject *)self, self->stream, rest);
+    PyObject *r = PyObject_CallFunction(self->on_full, "OiN", (PyObject *)self, s, rest);
     if (!r) {
         report_unraisable((PyObject *)self, "safe_redirect: handling a full lane failed");
         return 0;
@@ -1135,32 +1528,104 @@ static int hook_capture(HookObject *self, const char *buf, uint64_t len, unsigne
     return 0;
 }
 
+/* KIND_RAW, fd mode: write to the saved terminal instead of fd 1 / 2 (the pipe would capture the
+ * bytes a second time); first what the pipes hold (when the write starts a line or follows
+ * staged text) and what the hooks staged for the stream go into the lane. Returns what
+ * FileIO.write returns; without a feeding producer of this process it is FileIO.write. */
+static PyObject *hook_raw_write(HookObject *self, PyObject *const *args, size_t nargsf,
+                                PyObject *kwnames) {
+    PyObject *producer = self->producer;
+    ProducerObject *p = producer == Py_None ? NULL : (ProducerObject *)producer;
+    int s = self->stream;
+    if (!p || p->generation != atomic_load_explicit(&fork_generation, memory_order_relaxed) ||
+        s > 1 || !producer_feeding(p) || PyVectorcall_NARGS(nargsf) != 1 || kwnames)
+        return PyObject_Vectorcall(self->target, args, nargsf, kwnames);
+    Py_buffer view;
+    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0) {
+        PyErr_Clear();
+        return PyObject_Vectorcall(self->target, args, nargsf, kwnames);
+    }
+    Py_INCREF(producer); /* the hook's producer may be replaced while the GIL is let go */
+    unsigned bit = 1u << s;
+    ssize_t written = -1;
+    int err = 0;
+    stage_left left = {NULL, 0, 0, 0};
+    raw_writes++;
+    /* a session inside another: our terminal is the outer one's pipe, whose session captured
+     * these bytes with its own hooks already; its raw hook under ours writes them on */
+    int nested = 0;
+    for (PyObject *below = self->target; Py_IS_TYPE(below, &Hook_Type) && !nested;
+         below = ((HookObject *)below)->target)
+        nested = ((HookObject *)below)->kind == KIND_RAW;
+    producer_lock_gil(p);
+    int terminal = p->feed_terminal[s];
+    if (terminal >= 0 && nested) {
+        if (p->stage_len[s] || !(p->raw_mid_line & bit)) left = take_then_move(p, s);
+        if (view.len) {
+            char last = ((const char *)view.buf)[view.len - 1];
+            p->raw_mid_line = last == '\n' || last == '\r' ? p->raw_mid_line & ~bit
+                                                           : p->raw_mid_line | bit;
+        }
+        producer_unlock(p);
+        terminal = -1; /* written by the target, below */
+    } else if (terminal >= 0) {
+        if (p->stage_len[s] || !(p->raw_mid_line & bit)) left = take_then_move(p, s);
+        Py_BEGIN_ALLOW_THREADS
+        do {
+            written = write(terminal, view.buf, (size_t)view.len);
+        } while (written < 0 && errno == EINTR);
+        if (written < 0) err = errno;
+        if (written > 0) {
+            char last = ((const char *)view.buf)[written - 1];
+            p->raw_mid_line = last == '\n' || last == '\r' ? p->raw_mid_line & ~bit
+                                                           : p->raw_mid_line | bit;
+        }
+        producer_unlock(p);
+        Py_END_ALLOW_THREADS
+    } else {
+        producer_unlock(p); /* fd mode ended meanwhile */
+    }
+    PyBuffer_Release(&view);
+    stage_overflow(self, s, left);
+    Py_DECREF(producer);
+    if (terminal < 0) return PyObject_Vectorcall(self->target, args, nargsf, kwnames);
+    if (written < 0) {
+        if (err == EAGAIN) Py_RETURN_NONE; /* as FileIO.write on a non-blocking fd */
+        errno = err;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    return PyLong_FromSsize_t(written);
+}
+
 static PyObject *hook_vectorcall(PyObject *op, PyObject *const *args, size_t nargsf,
                                  PyObject *kwnames) {
     HookObject *self = (HookObject *)op;
     Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
     PyObject *result;
     hook_check_fork(self);
+    if (self->kind == KIND_RAW) return hook_raw_write(self, args, nargsf, kwnames);
     int buffer_layer = self->kind == KIND_BYTES || self->kind == KIND_BUFFER_FLUSH;
     if (buffer_layer && text_depth > 0) {
         /* TextIOWrapper handing on text (or a flush) we already captured at the text layer. */
         return PyObject_Vectorcall(self->target, args, nargsf, kwnames);
     }
+    unsigned long raw_before = raw_writes;
     if (!buffer_layer) text_depth++;
     result = PyObject_Vectorcall(self->target, args, nargsf, kwnames);
     if (!buffer_layer) text_depth--;
     if (!result || self->producer == Py_None) return result;
+    int raw_written = raw_writes != raw_before;
 
     int ok = 0;
     if (self->kind == KIND_FLUSH || self->kind == KIND_BUFFER_FLUSH) {
-        ok = hook_capture(self, "", 0, FLAG_FLUSH);
+        ok = hook_capture(self, "", 0, FLAG_FLUSH, raw_written);
     } else if (nargs == 1 && kwnames == NULL) {
         PyObject *data = args[0];
         if (PyUnicode_Check(data)) {
             Py_ssize_t size;
             const char *utf8 = PyUnicode_AsUTF8AndSize(data, &size);
             if (utf8) {
-                if (size) ok = hook_capture(self, utf8, (uint64_t)size, 0);
+                if (size) ok = hook_capture(self, utf8, (uint64_t)size, 0, raw_written);
             } else {
                 /* Lone surrogates: keep them visible rather than lose the write. */
                 PyErr_Clear();
@@ -1168,7 +1633,7 @@ static PyObject *hook_vectorcall(PyObject *op, PyObject *const *args, size_t nar
                 if (b) {
                     if (PyBytes_GET_SIZE(b))
                         ok = hook_capture(self, PyBytes_AS_STRING(b),
-                                          (uint64_t)PyBytes_GET_SIZE(b), 0);
+                                          (uint64_t)PyBytes_GET_SIZE(b), 0, raw_written);
                     Py_DECREF(b);
                 } else {
                     ok = -1;
@@ -1177,7 +1642,7 @@ static PyObject *hook_vectorcall(PyObject *op, PyObject *const *args, size_t nar
         } else if (PyObject_CheckBuffer(data)) {
             Py_buffer view;
             if (PyObject_GetBuffer(data, &view, PyBUF_SIMPLE) == 0) {
-                if (view.len) ok = hook_capture(self, view.buf, (uint64_t)view.len, 0);
+                if (view.len) ok = hook_capture(self, view.buf, (uint64_t)view.len, 0, raw_written);
                 PyBuffer_Release(&view);
             } else {
                 PyErr_Clear(); /* not contiguous: the target accepted it, we let it pass */
@@ -1199,8 +1664,8 @@ static int Hook_init(HookObject *self, PyObject *args, PyObject *kwds) {
         PyErr_SetString(PyExc_TypeError, "producer must be a Producer or None");
         return -1;
     }
-    if (stream < 0 || stream > 7 || kind < KIND_TEXT || kind > KIND_BUFFER_FLUSH) {
-        PyErr_SetString(PyExc_ValueError, "stream must be 0..7 and kind 0..3");
+    if (stream < 0 || stream > 7 || kind < KIND_TEXT || kind > KIND_RAW) {
+        PyErr_SetString(PyExc_ValueError, "stream must be 0..7 and kind 0..4");
         return -1;
     }
     Py_XSETREF(self->target, Py_NewRef(target));
@@ -1211,6 +1676,7 @@ static int Hook_init(HookObject *self, PyObject *args, PyObject *kwds) {
     self->kind = kind;
     self->skip_thread = 0;
     self->host_thread = 0;
+    self->terminal = 0;
     self->vectorcall = hook_vectorcall;
     return 0;
 }
@@ -1274,6 +1740,15 @@ static int Hook_set_host_thread(HookObject *self, PyObject *v, void *c) {
     return 0;
 }
 static PyObject *Hook_get_stream(HookObject *self, void *c) { return PyLong_FromLong(self->stream); }
+static PyObject *Hook_get_terminal(HookObject *self, void *c) {
+    return PyBool_FromLong(self->terminal);
+}
+static int Hook_set_terminal(HookObject *self, PyObject *v, void *c) {
+    int t = v ? PyObject_IsTrue(v) : 0;
+    if (t < 0) return -1;
+    self->terminal = t;
+    return 0;
+}
 static PyObject *Hook_get_kind(HookObject *self, void *c) { return PyLong_FromLong(self->kind); }
 
 static PyGetSetDef Hook_getset[] = {
@@ -1284,6 +1759,8 @@ static PyGetSetDef Hook_getset[] = {
     {"host_thread", (getter)Hook_get_host_thread, (setter)Hook_set_host_thread,
      "ident of a host's thread that re-writes what reached the fd: not captured (0: none)", NULL},
     {"stream", (getter)Hook_get_stream, NULL, NULL, NULL},
+    {"terminal", (getter)Hook_get_terminal, (setter)Hook_set_terminal,
+     "fd mode: a KIND_RAW hook under this one writes the stream's bytes to the terminal", NULL},
     {"kind", (getter)Hook_get_kind, NULL, NULL, NULL},
     {NULL},
 };
@@ -1391,6 +1868,8 @@ static uint64_t lane_payload_room(seg_header *seg, lane_header *lane) {
     return room;
 }
 
+static int64_t feed_append(ProducerObject *p, unsigned stream, const char *data, uint64_t n);
+
 /* Read one pipe once, tee, append; without the GIL. With a producer and `wait_room` > 0 it reads
  * no more than the lane has room for (waiting up to `wait_room` seconds for some): what the
  * lane cannot take stays in the pipe, where the writer waits for it and the master finds it if
@@ -1418,6 +1897,8 @@ static int pump_read(pump_pipe *pipe, Py_buffer *buf, ProducerObject *p, double 
         if (live && room == 0) return PUMP_FULL;
         if (live && room < want) want = (size_t)room;
     }
+    /* read, append and tee under the lock: one sequence with the hooks (fd mode's two paths) */
+    if (p) producer_lock_nogil(p);
     ssize_t n;
     do {
         n = read(pipe->read_fd, buf->buf, want);
@@ -1425,28 +1906,66 @@ static int pump_read(pump_pipe *pipe, Py_buffer *buf, ProducerObject *p, double 
     *n_out = n;
     pipe->last_read = n > 0 ? n : 0;
     pipe->emptied = n < (ssize_t)want;
-    if (n < 0) return errno == EAGAIN ? 0 : PUMP_EOF; /* a read error ends the pipe too */
-    if (n == 0) return PUMP_EOF;
+    if (n <= 0) {
+        if (p) producer_unlock(p);
+        if (n < 0) return errno == EAGAIN ? 0 : PUMP_EOF; /* a read error ends the pipe too */
+        return PUMP_EOF;
+    }
     /* Into the lane first, then to the terminal (which may be slow): between the read and the
      * append the bytes are nowhere else, and a process may end at any moment. */
-    int64_t appended = -1;
-    if (p) {
-        atomic_fetch_add(&pumps_appending, 1);
-        /* in records of at most PUMP_RECORD: the drain takes a bounded bite of a lane per pass */
-        uint64_t rec = pump_record(p->segment->hdr);
-        for (uint64_t done = 0; done < (uint64_t)n && producer_live(p);) {
-            uint64_t chunk = (uint64_t)n - done < rec ? (uint64_t)n - done : rec;
-            int64_t a = producer_append(p, (unsigned)pipe->stream, 0, (char *)buf->buf + done,
-                                        chunk);
-            if (a < 0) break;
-            appended = (int64_t)(done += (uint64_t)a);
-            if ((uint64_t)a < chunk) break; /* full: spilling (wait_room 0) */
-        }
-        atomic_fetch_sub(&pumps_appending, 1);
-    }
+    int64_t appended = p ? feed_append(p, (unsigned)pipe->stream, buf->buf, (uint64_t)n) : -1;
     write_all(pipe->terminal_fd, buf->buf, (size_t)n);
+    if (p) producer_unlock(p);
     *appended_out = appended;
     return appended >= 0 && appended < n ? PUMP_REST : 0;
+}
+
+/* Append bytes read from a pipe, as the pipes' thread, in records of at most PUMP_RECORD (the
+ * drain takes a bounded bite of a lane per pass); the lock held, the GIL not needed. Returns the
+ * bytes appended (fewer: the lane is full), -1 when the producer is detached. */
+static int64_t feed_append(ProducerObject *p, unsigned stream, const char *data, uint64_t n) {
+    int64_t appended = -1;
+    uint16_t slot = p->feed_slot ? p->feed_slot : current_thread_slot();
+    int32_t rank = atomic_load_explicit(&p->feed_rank, memory_order_relaxed);
+    atomic_fetch_add(&pumps_appending, 1);
+    uint64_t rec = pump_record(p->segment->hdr);
+    for (uint64_t done = 0; done < n && producer_live(p);) {
+        uint64_t chunk = n - done < rec ? n - done : rec;
+        int64_t a = producer_append_as(p, stream, 0, data + done, chunk, slot, rank);
+        if (a < 0) break;
+        appended = (int64_t)(done += (uint64_t)a);
+        if ((uint64_t)a < chunk) break; /* full */
+    }
+    atomic_fetch_sub(&pumps_appending, 1);
+    return appended;
+}
+
+/* fd mode, the lock held, without the GIL: move what the pipes hold into the lane and to the
+ * terminal, as the pump would, so that what a hook is about to write lands after it. No more than
+ * the lane has room for: the rest stays in the pipe for the pump, which applies the overflow
+ * policy (the order holds up to a full lane). */
+static void producer_take_pipes(ProducerObject *p) {
+    for (int s = 0; s < 2; s++) {
+        int fd = p->feed_read[s];
+        while (fd >= 0 && p->take_buf) {
+            int held = 0;
+            if (ioctl(fd, FIONREAD, &held) < 0 || held <= 0) break;
+            atomic_fetch_add(&pumps_appending, 1);
+            uint64_t room = producer_live(p) ? lane_payload_room(p->segment->hdr, p->lane) : 0;
+            atomic_fetch_sub(&pumps_appending, 1);
+            uint64_t want = (uint64_t)held < TAKE_BYTES ? (uint64_t)held : TAKE_BYTES;
+            if (room < want) want = room;
+            if (!want) break;
+            ssize_t n;
+            do {
+                n = read(fd, p->take_buf, (size_t)want);
+            } while (n < 0 && errno == EINTR);
+            if (n <= 0) break;
+            int64_t a = feed_append(p, (unsigned)s, p->take_buf, (uint64_t)n);
+            write_all(p->feed_terminal[s], p->take_buf, (size_t)n);
+            if (a < n) break;
+        }
+    }
 }
 
 /* fd mode's pump, without the GIL for as long as output streams in (a printing thread keeps its
@@ -1503,6 +2022,8 @@ static PyObject *ring_pump(PyObject *mod, PyObject *args) {
             goto fail;
         }
         p = (ProducerObject *)producer;
+        /* what comes through the pipes carries the rank the pump thread was given for it */
+        atomic_store_explicit(&p->feed_rank, thread_rank, memory_order_relaxed);
     }
     int event = 0, event_fd = -1;
     ssize_t n = 0;
@@ -1639,6 +2160,7 @@ PyMODINIT_FUNC PyInit__ring(void) {
         PyModule_AddIntConstant(m, "KIND_BYTES", KIND_BYTES) < 0 ||
         PyModule_AddIntConstant(m, "KIND_FLUSH", KIND_FLUSH) < 0 ||
         PyModule_AddIntConstant(m, "KIND_BUFFER_FLUSH", KIND_BUFFER_FLUSH) < 0 ||
+        PyModule_AddIntConstant(m, "KIND_RAW", KIND_RAW) < 0 ||
         PyModule_AddIntConstant(m, "PUMP_READY", PUMP_READY) < 0 ||
         PyModule_AddIntConstant(m, "PUMP_WAKE", PUMP_WAKE) < 0 ||
         PyModule_AddIntConstant(m, "PUMP_EOF", PUMP_EOF) < 0 ||

@@ -20,7 +20,8 @@ from safe_redirect.ring import STREAMS
 __all__ = ["MODES", "OVERFLOW_POLICIES", "TAG_FIELDS", "check_install_arguments"]
 
 #: "wrap": hook sys.stdout / sys.stderr and their buffers (Python-level writes).
-#: "fd": pipes on fds 1 and 2 (also os.write, os.system, C libraries).
+#: "fd": the same hooks, and pipes on fds 1 and 2 for what bypasses them (os.write, os.system,
+#: C libraries).
 MODES = ("wrap", "fd")
 #: "block": a writer whose lane is full waits while the master keeps reading, and spills (writes to
 #: its terminal only, counted) once the master has read nothing for `stall_timeout` seconds or is

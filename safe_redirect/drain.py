@@ -15,12 +15,13 @@ import heapq
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 from operator import attrgetter
 
 from safe_redirect import _ring, fork_parking
 from safe_redirect.diagnostics import warn
+from safe_redirect.fdcapture import PipeHandOver
 from safe_redirect.procfs import open_peer_pipe, read_available
 from safe_redirect.procfs import unread_bytes as _unread_bytes
 from safe_redirect.record import Interleaver, Record, render_tag  # the first two re-exported
@@ -89,6 +90,15 @@ class LaneReader:
         #: its death continues that thread's line and is tagged with that rank
         self.last_thread_rank = -1
         self.last_thread = 0
+        #: asked before each feed: the owner may have set its rank and name anew since
+        self.refresh: Callable[[], None] | None = None
+
+    def rename(self, rank: int | None, name: str) -> None:
+        """The owner's rank and name changed (a child named by a launcher after it claimed its
+        lane): lines from now on get the new tag."""
+        self.rank, self.name = rank, name
+        if not self._master:
+            self.tag = render_tag(self._template, rank, self.owner.pid, name)
 
     def close_pipes(self) -> None:
         for fd in self.pipes.values():
@@ -111,6 +121,8 @@ class LaneReader:
         out: list[Record] = []
         cut_before = False  # a line was cut short (FLAG_GAP): the next text must not join it
         last_time = 0  # when the lines last emitted began
+        if self.refresh is not None:
+            self.refresh()
 
         def emit(state: _StreamState, stream: int, text: str, time_ns: int,
                  thread_rank: int) -> None:
@@ -238,6 +250,10 @@ class Drain:
         self.lanes_reclaimed = 0
         self.records_delivered = 0
         self.errors = 0
+        #: fd mode: forked children hand their pipes over through it (None: /proc only)
+        self.hand_over: PipeHandOver | None = None
+        #: pipes handed over before their lane's reader exists: (lane, pid, start) -> {stream: fd}
+        self._handed: dict[tuple[int, int, int], dict[int, int]] = {}
 
     @property
     def alive(self) -> bool:
@@ -308,6 +324,7 @@ class Drain:
         if stopped:
             for reader in self._readers.values():
                 reader.close_pipes()
+            self._close_handed()
         return delivered and stopped
 
     def sync_child_pipes(self, timeout: float | None) -> bool:
@@ -399,6 +416,7 @@ class Drain:
         reader = self._readers.get(lane)
         if reader is not None:
             return reader
+        identity = self._segment.identity(lane)  # before the header: a change after it is seen
         info = self._ring.lane_info(lane)
         if info.state == _ring.LANE_FREE:
             return None  # being claimed right now
@@ -406,13 +424,63 @@ class Drain:
         reader = self._readers[lane] = LaneReader(
             info.owner_pid, info.owner_start_us, rank, info.name.decode("utf-8", "replace"),
             self._tag_template, master=lane == self._master_lane)
+        reader.refresh = lambda: self._refresh_identity(lane, reader, identity)
         if max(info.pipe_fds) >= 0 and lane != self._master_lane:
-            for stream, fd in enumerate(info.pipe_fds):  # fd mode: a second way out of the child
-                ours = open_peer_pipe(info.owner_pid, fd)
-                if ours is not None:
-                    reader.pipes[stream] = ours
+            # fd mode: a second way out of the child, its pipes' read ends: handed over (see
+            # PipeHandOver), else opened through /proc (a child that died before we looked had
+            # handed them over, if it wrote anything)
+            reader.pipes.update(self._handed.pop((lane, info.owner_pid, info.owner_start_us), {}))
+            self._receive_pipes()
+            expected = sum(fd >= 0 for fd in info.pipe_fds)
+            if len(reader.pipes) < expected:
+                for stream, fd in enumerate(info.pipe_fds):
+                    if stream not in reader.pipes:
+                        ours = open_peer_pipe(info.owner_pid, fd)
+                        if ours is not None:
+                            reader.pipes[stream] = ours
+                if len(reader.pipes) < expected:
+                    self._receive_pipes()
             self._segment.ack_pipes(lane)  # the child waits (bounded) for this
         return reader
+
+    def _receive_pipes(self) -> None:
+        """Take the pipes that children handed over: into their lane's reader, or kept for the
+        reader to come; dropped where the reader has that pipe already (opened through /proc
+        first) or the lane has another owner by now."""
+        if self.hand_over is None:
+            return
+        for lane, pid, start_us, fds in self.hand_over.receive():
+            info = self._ring.lane_info(lane)
+            reader = self._readers.get(lane)
+            if info.state == _ring.LANE_FREE or (info.owner_pid, info.owner_start_us) != (
+                    pid, start_us):
+                _close_all(fds.values())
+            elif reader is not None:
+                for stream, fd in fds.items():
+                    if stream in reader.pipes:
+                        os.close(fd)
+                    else:
+                        reader.pipes[stream] = fd
+            else:
+                _close_all(self._handed.pop((lane, pid, start_us), {}).values())
+                self._handed[(lane, pid, start_us)] = fds
+
+    def _close_handed(self) -> None:
+        for fds in self._handed.values():
+            _close_all(fds.values())
+        self._handed.clear()
+
+    def _refresh_identity(self, lane: int, reader: LaneReader, seen: int) -> None:
+        """Render the tag of `lane` again if its owner set rank and name anew since `seen`
+        (read after the records being fed, so that they are tagged as their writer wanted)."""
+        identity = self._segment.identity(lane)
+        if identity == seen:
+            return
+        info = self._ring.lane_info(lane)
+        if self._segment.identity(lane) != identity:
+            return  # set anew while we read it: next time
+        reader.rename(None if info.rank < 0 else info.rank, info.name.decode("utf-8", "replace"))
+        reader.refresh = lambda: self._refresh_identity(lane, reader, identity)
 
     def _pass(self, final: bool) -> tuple[bool, bool, bool]:
         """Read every lane once: (anything read or still held, a lane gave all a pass takes and
@@ -500,8 +568,11 @@ class Drain:
             reader = self._reader(lane) or LaneReader(info.owner_pid, 0, None)
             self._hand_over(reader.feed(self._segment.read(lane, 1 << 62, JOIN_GAP_NS)), reader)
             if info.state != _ring.LANE_CLOSED:  # died: its pump may not have emptied its pipes
-                left = [(stream, 0, time.time_ns(), read_available(fd), reader.last_thread,
-                         reader.last_thread_rank) for stream, fd in reader.pipes.items()]
+                # they continue the lines of the pipes' thread (fd mode's hooks write others)
+                thread = self._segment.pipe_thread(lane) or reader.last_thread
+                rank = reader.last_thread_rank if thread == reader.last_thread else -1
+                left = [(stream, 0, time.time_ns(), read_available(fd), thread, rank)
+                        for stream, fd in reader.pipes.items()]
                 for stream, _, _, data, _, _ in left:
                     if data:
                         self._recovered(stream, data)  # the terminal never saw these either
@@ -514,6 +585,11 @@ class Drain:
             self._segment.free(lane)
             self._readers.pop(lane, None)
             self.lanes_reclaimed += 1
+
+
+def _close_all(fds: Iterable[int]) -> None:
+    for fd in fds:
+        os.close(fd)
 
 
 _time_ns = attrgetter("time_ns")

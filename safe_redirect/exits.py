@@ -50,12 +50,17 @@ def forget_before_os_exit(callback: Callable[[], None]) -> None:
         pass
 
 
-def run_at_multiprocessing_child_exit(owner: T, callback: Callable[[T], None]) -> None:
+def run_at_multiprocessing_child_exit(owner: T, callback: Callable[[T], None],
+                                      started: Callable[[T], None] | None = None) -> None:
     """In each multiprocessing child started from here, `callback(owner)` runs at its exit (see
-    the module). `owner` is held weakly here, as multiprocessing holds it."""
+    the module), and `started(owner)` first thing after its start. `owner` is held weakly here,
+    as multiprocessing holds it."""
     import multiprocessing.util
 
     def child_started(owner: T) -> None:
+        if started is not None:
+            started(owner)
+
         def at_exit() -> None:
             callback(owner)
 

@@ -1,9 +1,13 @@
 """fd-level capture: fds 1 and 2 pointed at pipes, and a pump thread that tees and captures.
 
 This catches what never passes through `sys.stdout`: `os.write(1, ...)`, `os.system`, C and C++
-libraries. Each capturing process (the master, and every forked child) has pipes of its own: the
-pump stores what arrives in the process's lane and copies it to the saved original fd (the
-terminal keeps its output). A child never writes into its master's pipe, so lines of two
+libraries. What does pass through it is captured by the hooks, with its thread, and written to
+the saved terminal, not into the pipe (`hooks.py`, KIND_RAW): the lane then has two writers, the
+pump and the hooks, whose order `_ring.c` keeps ("fd mode's two paths").
+
+Each capturing process (the master, and every forked child) has pipes of its own: the pump
+stores what arrives in the process's lane and copies it to the saved original fd (the terminal
+keeps its output). A child never writes into its master's pipe, so lines of two
 processes cannot interleave mid-line, and a child never blocks on a master that stopped reading.
 
 The pump inside a child is not the only way out of it: the child publishes its pipes' read ends in
@@ -17,6 +21,8 @@ from __future__ import annotations
 import fcntl
 import mmap
 import os
+import socket
+import struct
 import sys
 import threading
 import time
@@ -27,7 +33,7 @@ from safe_redirect._ring import Producer
 from safe_redirect.procfs import append_if_regular_file
 from safe_redirect.ring import STREAM_FDS, STREAMS
 
-__all__ = ["FdCapture"]
+__all__ = ["FdCapture", "PipeHandOver", "flush_python_streams"]
 
 #: Pipe capacity: a writer printing flat out does not block while the pump pauses.
 _PIPE_BYTES = 1 << 20
@@ -55,6 +61,66 @@ def _write_all(fd: int, data: bytes) -> None:
             return
 
 
+class PipeHandOver:
+    """How a forked child gives its master the read ends of its pipes before it writes anything:
+    over a socket pair the master made at install() and every fork inherits (SCM_RIGHTS). Once
+    sent, the read ends are held by the socket's queue and then by the master, whatever becomes
+    of the child: one killed right after writing, before its pump read and before the master
+    first looked at its lane, loses nothing. Where the sending fails (a spawned process, which
+    inherits no socket; a full queue) the master opens the pipes through /proc instead, which
+    works only while the child lives (the child waits for that, bounded)."""
+
+    _MESSAGE = struct.Struct("=IiQii")  # lane, pid, start_us, stdout read end, stderr read end
+
+    def __init__(self) -> None:
+        self._receive, self._send = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._receive.setblocking(False)
+
+    def send(self, lane: int, pid: int, start_us: int, read_ends: tuple[int, int]) -> bool:
+        """In the child, right after it published its pipes in `lane`: hand them over. False if
+        they could not be sent (the master then opens them through /proc)."""
+        fds = [fd for fd in read_ends if fd >= 0]
+        try:
+            socket.send_fds(self._send, [self._MESSAGE.pack(lane, pid, start_us, *read_ends)],
+                            fds, socket.MSG_DONTWAIT)
+        except (OSError, ValueError):
+            return False
+        return True
+
+    def receive(self) -> list[tuple[int, int, int, dict[int, int]]]:
+        """In the master: every hand-over waiting, as (lane, pid, start_us, {stream: our fd})."""
+        received = []
+        while True:
+            try:
+                data, fds, flags, _ = socket.recv_fds(self._receive, self._MESSAGE.size, 2,
+                                                      socket.MSG_CMSG_CLOEXEC)
+            except (BlockingIOError, InterruptedError):
+                break
+            except (OSError, ValueError):
+                break
+            if flags & (socket.MSG_CTRUNC | socket.MSG_TRUNC) or len(data) != self._MESSAGE.size:
+                _close_all(fds)
+                continue
+            lane, pid, start_us, *read_ends = self._MESSAGE.unpack(data)
+            streams = [stream for stream, fd in enumerate(read_ends) if fd >= 0]
+            if len(streams) != len(fds):
+                _close_all(fds)
+                continue
+            for fd in fds:
+                os.set_blocking(fd, False)
+            received.append((lane, pid, start_us, dict(zip(streams, fds, strict=True))))
+        return received
+
+    def close(self) -> None:
+        self._receive.close()
+        self._send.close()
+
+
+def _close_all(fds: Iterable[int]) -> None:
+    for fd in fds:
+        os.close(fd)
+
+
 class FdCapture:
     """Pipes on fds 1 and 2 of this process and the pump thread that empties them.
 
@@ -77,6 +143,7 @@ class FdCapture:
         self.saved: dict[int, int] = {}  # 1 / 2 -> a copy of what it was (the terminal)
         self.readers: dict[int, tuple[int, int]] = {}  # read end -> (stream, fd it feeds)
         self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)
         self._pipes: dict[int, tuple[int, int]] = {}  # 1 / 2 -> (st_dev, st_ino) of our pipe
         self._capturing = True
         self._stop = False
@@ -92,6 +159,14 @@ class FdCapture:
         self._synced = threading.Condition()
         self._sync_requested = 0
         self._sync_done = 0
+        self._fed: Producer | None = None  # the lane our pipes feed besides the hooks
+
+    def feed(self, producer: Producer | None) -> None:
+        """Tell `producer` (this process's lane) our pipes and the saved terminals: from now on
+        Python-level writes go to the terminals and the pipes carry the rest (see `_ring.c`)."""
+        if producer is not None:
+            producer.feed(self.read_ends(), self.saved_fds())
+        self._fed = producer
 
     def tee(self, stream: int, data: bytes) -> None:
         """Write to the saved terminal fd of `stream` (0 stdout, 1 stderr), if it is still open."""
@@ -113,9 +188,12 @@ class FdCapture:
         self.open()
         self.run()
 
-    def open(self) -> None:
-        """Point fds 1 and 2 at new pipes; nothing reads them until run()."""
-        _flush_python_streams()
+    def open(self, flush: bool = True) -> None:
+        """Point fds 1 and 2 at new pipes; nothing reads them until run(). What the Python
+        streams buffer goes to the old fds first; not in a child attaching right after fork (the
+        buffers hold its parent's output, and their hooks would attach other sessions then)."""
+        if flush:
+            flush_python_streams()
         for stream, fd in self._targets:
             saved = os.dup(fd)
             append_if_regular_file(saved)
@@ -148,7 +226,7 @@ class FdCapture:
             return False
         with self._synced:
             self._parking, self._left_for_fork = True, False
-        os.write(self._wake_w, b"p")
+        self._wake(b"p")
         thread.join(max(0.0, deadline - time.monotonic()))
         with self._synced:
             self._parking = False
@@ -165,11 +243,11 @@ class FdCapture:
         fork_parking.resume_now()
         if self._stop or self._thread is None:
             return True
-        _flush_python_streams()
+        flush_python_streams()
         with self._synced:
             self._sync_requested += 1
             target = self._sync_requested
-        os.write(self._wake_w, b"s")
+        self._wake(b"s")
         with self._synced:
             return self._synced.wait_for(lambda: self._sync_done >= target or self._pump_done,
                                          timeout)
@@ -181,17 +259,32 @@ class FdCapture:
             return self._drained.is_set()
         fork_parking.resume_now()
         fork_parking.unregister(self)
-        _flush_python_streams()
+        flush_python_streams()
         for fd, saved in self.saved.items():
             if self._still_ours(fd):  # not if somebody (pytest's capfd, say) took fd 1 since
                 os.dup2(saved, fd)
-        self._stop = True
-        os.write(self._wake_w, b"x")
+        with self._closing:  # the pump, ending on its pipes' EOF, closes the wake pipe once
+            self._stop = True  # it sees this: not between it and our write
+            self._wake_locked(b"x")
         drained = self._drained.wait(timeout)
         with self._closing:
             if self._pump_done:
                 self._close_saved()
         return drained
+
+    def _wake(self, reason: bytes) -> None:
+        """Have the pump come back to Python. Its wake pipe is closed with the saved fds, by
+        whichever of stop() and the pump's end comes last (under _closing): never after that,
+        and never blocking on a pipe that nobody reads any more (the pump ended at EOF)."""
+        with self._closing:
+            self._wake_locked(reason)
+
+    def _wake_locked(self, reason: bytes) -> None:
+        if not self._saved_closed:
+            try:
+                os.write(self._wake_w, reason)
+            except BlockingIOError:
+                pass  # full: the pump has wake-ups enough to read
 
     def _still_ours(self, fd: int) -> bool:
         try:
@@ -205,6 +298,9 @@ class FdCapture:
         if self._saved_closed:
             return
         self._saved_closed = True
+        if self._fed is not None:
+            self._fed.unfeed()  # no hook writes to a saved fd after this
+            self._fed = None
         for saved in self.saved.values():
             try:
                 os.close(saved)
@@ -217,7 +313,9 @@ class FdCapture:
     def abandon_in_child(self) -> None:
         """After fork: the pump does not exist here. Point fds 1 and 2 back at the terminal,
         never at the master's pipes, and drop every fd of the master's capture but the saved
-        terminal copies (the child's own capture starts from them)."""
+        terminal copies (the child's own capture starts from them). The producer it fed is
+        the master's: the hooks leave it at their first write here."""
+        self._fed = None
         for fd, saved in self.saved.items():
             os.dup2(saved, fd)
             os.close(saved)
@@ -243,6 +341,9 @@ class FdCapture:
                 os.read(self._wake_r, 64)
             elif event == _ring.PUMP_EOF:  # every writer closed its end (fd 1 itself, say)
                 open_readers.discard(r)
+                fed = self._fed
+                if fed is not None:  # it reads this pipe too: not once the number is free
+                    fed.unfeed(self.readers[r][0])
                 os.close(r)
             with self._synced:
                 requested = self._sync_requested
@@ -295,7 +396,8 @@ def _enlarge_pipe(fd: int) -> None:
         pass
 
 
-def _flush_python_streams() -> None:
+def flush_python_streams() -> None:
+    """What sys.stdout and sys.stderr buffer goes to their fds now."""
     for stream in (sys.stdout, sys.stderr):
         try:
             if stream is not None:

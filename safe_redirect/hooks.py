@@ -4,6 +4,10 @@ Hooks are set on the stream *objects* (as wandb and ipykernel do), not by replac
 that a logging handler or anything else holding the stream object is captured too. Each hook calls
 the writer it replaced and then copies the data into its session's lane (`_ring.Hook`).
 
+In fd mode one more hook sits at the bottom of each stream, on its `FileIO.write` (the raw file
+on fd 1 or 2): it writes to the saved terminal instead of the fd, which is a pipe then, so that
+what the hooks above captured with its thread does not come through the pipe a second time.
+
 Every hook of ours on one attribute is kept in a stack, oldest first. In a forked child the stacks
 are re-aimed (`reaim_in_child`): each hook calls the hook of ours below it, the lowest one calls the
 *plain* method of the stream class, and the top one is put back on the stream. Whatever else the
@@ -18,13 +22,14 @@ calling what the host put back; inside IPython it runs before every flush of a h
 from __future__ import annotations
 
 import enum
+import io
 import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from safe_redirect import _ring, hosts
-from safe_redirect.ring import STREAMS, Producer
+from safe_redirect.ring import STREAM_FDS, STREAMS, Producer
 from safe_redirect.stamp import fork_generation, on_fork_in_child
 
 __all__ = ["HookState", "StreamHooks", "reaim_in_child", "rearm"]
@@ -176,6 +181,18 @@ _TARGETS: tuple[tuple[str, str, int], ...] = (
 )
 
 
+def _terminal_file(stream: Any, fd: int) -> io.FileIO | None:
+    """The raw file at the bottom of `stream` if it writes to `fd` (sys.stdout's, usually)."""
+    buffer = getattr(stream, "buffer", None)
+    raw = getattr(buffer, "raw", buffer)
+    try:
+        if isinstance(raw, io.FileIO) and not raw.closed and raw.fileno() == fd:
+            return raw
+    except (OSError, ValueError):
+        pass
+    return None
+
+
 class StreamHooks:
     """All hooks of one session, on the streams it was asked to capture."""
 
@@ -194,7 +211,9 @@ class StreamHooks:
         return (f"<StreamHooks {self.state.value} streams={self.streams} "
                 f"patches={len(self._patches)}>")
 
-    def install(self, producer: Producer | None) -> None:
+    def install(self, producer: Producer | None, terminals: bool = False) -> None:
+        """Hook sys.stdout / sys.stderr and their buffers; with `terminals` (fd mode) also the
+        raw files on fds 1 and 2 under them, first, so that they are the innermost hooks."""
         if self.state is not HookState.NEW:
             raise RuntimeError(f"hooks are {self.state.value}, not new")
         for name in self.streams:
@@ -203,6 +222,10 @@ class StreamHooks:
                 continue  # pythonw, or a closed console: nothing to capture
             number = STREAMS.index(name)
             echo_thread = hosts.fd_echo_thread(stream)
+            raw = _terminal_file(stream, STREAM_FDS[name]) if terminals else None
+            if raw is not None:
+                self._patch(raw, "write", _ring.KIND_RAW, number, producer)
+            first = len(self._patches)
             for layer, attribute, kind in _TARGETS:
                 owner = stream if layer == "text" else getattr(stream, "buffer", None)
                 if owner is None:
@@ -215,6 +238,9 @@ class StreamHooks:
                 if kind == _ring.KIND_FLUSH and hosts.in_ipython():
                     patch.rearms = True
                     patch.aim(patch.hook.target)
+            if raw is not None and self._patches[first - 1].hook.kind == _ring.KIND_RAW:
+                for patch in self._patches[first:]:  # their bytes reach the terminal through it
+                    patch.hook.terminal = True
         self.state = HookState.INSTALLED
 
     def _patch(self, owner: Any, attribute: str, kind: int, stream: int,

@@ -47,18 +47,22 @@ def detect_rank(thread: bool = True) -> int | None:
     rank = _torch_spawn_rank()
     if rank is not None or not thread:
         return rank
-    return _xla_ordinal()
+    return _xla_ordinal(process=True)
 
 
-def _xla_ordinal() -> int | None:
+def _xla_ordinal(process: bool = False) -> int | None:
     """This thread's torch_xla ordinal, if torch_xla is loaded and its runtime already running.
-    Asking earlier would start the runtime, and xmp.spawn refuses to run after that."""
+    Asking earlier would start the runtime, and xmp.spawn refuses to run after that. With
+    `process`: None where the process drives several devices, one rank thread each (the CPU, some
+    TPUs): the process has no rank of its own there, only its rank threads have."""
     xla = sys.modules.get("torch_xla")
     xla_runtime = sys.modules.get("torch_xla.runtime")
     if xla is None or xla_runtime is None:
         return None
     try:
         if not xla._XLAC._xla_runtime_is_initialized():
+            return None
+        if process and int(xla_runtime.addressable_runtime_device_count()) > 1:
             return None
         return int(xla_runtime.global_ordinal())
     except Exception:

@@ -30,7 +30,7 @@ from safe_redirect.exits import (
     run_at_multiprocessing_child_exit,
     run_before_os_exit,
 )
-from safe_redirect.fdcapture import FdCapture
+from safe_redirect.fdcapture import FdCapture, PipeHandOver, flush_python_streams
 from safe_redirect.hooks import HookState, StreamHooks, reaim_in_child
 from safe_redirect.hosts import uncaptured_in_kernel
 from safe_redirect.launchers import detect_rank, set_thread_rank, watch_torch_xla
@@ -88,10 +88,28 @@ class Stats:
 _sessions: list[Session] = []
 
 
+def _let_go_of_fds_in_child() -> None:
+    """Right after fork, before any session's own handler: the fd captures inherited from the
+    parent let go of fds 1 and 2 newest first, so that each puts back what the one under it had
+    (the oldest: the terminal). Then each session opens pipes of its own oldest first (its
+    `_after_fork`), on top of the one under it, as in the parent. Each letting go as its own
+    handler came would put a parent's pipe back under a newer session, and leave an older one
+    reading a pipe that no longer has a writer."""
+    for session in reversed(_sessions):
+        fd = session._fd
+        if fd is not None and session.state is not State.UNINSTALLED:
+            session._fd = None
+            fd.abandon_in_child()
+
+
+on_fork_in_child(_let_go_of_fds_in_child)  # before any session registers its handler
+
+
 class Session:
     """The handle `install()` returns: `flush()`, `uninstall()`, `stats()`, a context manager."""
 
     _fd: FdCapture | None  # fd mode: the pipes of this process
+    _hand_over: PipeHandOver | None  # fd mode: forked children give us their pipes through it
     _mode: str
     _hooks: StreamHooks
     _overflow: Overflow  # what a full lane does (overflow.py)
@@ -123,20 +141,24 @@ class Session:
             self._drain.on_restart = self._hooks.skip_thread  # a new thread after a fork
             drain_ident = self._drain.start()
             if self._mode == "fd":
+                self._hand_over = self._drain.hand_over = PipeHandOver()
                 self._fd = FdCapture(self._hooks.streams, self._fd_lane,
                                      self._overflow.pump_found_full,
                                      self._overflow.append_rest)
-                self._fd.start()
-            else:
-                self._hooks.install(self._producer)
-                self._hooks.skip_thread(drain_ident)
-            run_at_multiprocessing_child_exit(self, Session._at_multiprocessing_child_exit)
+                self._fd.open()
+                self._fd.feed(self._producer)
+                self._fd.run()
+            self._hooks.install(self._producer, terminals=self._mode == "fd")
+            self._hooks.skip_thread(drain_ident)
+            self._watch_multiprocessing_children()
         except BaseException:
             self._hooks.uninstall()
             if self._fd is not None:
                 self._fd.stop(timeout=1.0)
             if self._drain is not None:
                 self._drain.stop(timeout=1.0)
+            if self._hand_over is not None:
+                self._hand_over.close()
             self._ring.close()
             self._ring.unlink()
             raise
@@ -181,10 +203,8 @@ class Session:
             # of our own (there is no first write to wait for).
             reopen_terminal(info.master_pid, info.terminal_fds, self._hooks.streams)
             self._become_child()
-        else:
-            self._hooks.install(self._ring.segment.placeholder())
-        # a forkserver forks from here
-        run_at_multiprocessing_child_exit(self, Session._at_multiprocessing_child_exit)
+        self._hooks.install(self._ring.segment.placeholder(), terminals=self._mode == "fd")
+        self._watch_multiprocessing_children()  # a forkserver forks from here
         self._register()
         return self
 
@@ -207,6 +227,7 @@ class Session:
         self._hooks = StreamHooks(streams, self._on_fork, self._on_full)
         self._mode = mode
         self._fd = None
+        self._hand_over = None
 
     def _register(self) -> None:
         on_fork_in_child(self._after_fork)
@@ -261,6 +282,7 @@ class Session:
             return True
         if self._fd is not None:
             self._fd.sync(timeout)
+            self._unstage()
             delivered = self._drain.sync_child_pipes(timeout)  # live children's pumps too
         else:
             delivered = self._drain.sync(timeout)
@@ -280,7 +302,7 @@ class Session:
                 self._uninstall_master(timeout)
 
     def _uninstall_master(self, timeout: float | None) -> None:
-        self._hooks.uninstall()
+        self._unhook()
         unexport(self._attach_info, self._previous_env)
         if self._fd is not None and not self._fd.stop(timeout):
             _warn(f"safe_redirect: the fd pump did not drain within {timeout} s")
@@ -296,9 +318,26 @@ class Session:
         if not delivered:
             _warn(f"safe_redirect: final delivery timed out after {timeout} s")
 
+    def _unhook(self) -> None:
+        """Take the hooks off. fd mode: what the streams buffer reaches the terminal through
+        them first (after the hooks it would go into the pipe and be captured twice), and what
+        they staged goes into the lane."""
+        if self._fd is not None:
+            flush_python_streams()
+            self._unstage()
+        self._hooks.uninstall()
+
+    def _unstage(self) -> None:
+        producer = self._producer
+        if self._fd is not None and producer is not None:
+            producer.unstage()
+
     def _finish(self) -> None:
         self.state = State.UNINSTALLED
         self._producer = None
+        if self._hand_over is not None:
+            self._hand_over.close()  # a child closes its copy of the sockets
+            self._hand_over = None
         self._ring.close()
         self._ring.unlink()
         remove_fork_handler(self._after_fork)
@@ -383,6 +422,28 @@ class Session:
     def _on_fork(self, hook: _ring.Hook) -> None:
         """Called by a hook at the first captured write of a new process."""
         self._become_child()
+        producer = self._producer
+        if self._mode != "fd" or hook.producer is producer:
+            return
+        if producer is not None and producer.generation != fork_generation():
+            return  # a write from inside the attach (another session's, say): not captured
+        # fd mode claimed the lane at fork (for the pipes); the hooks join it at their first
+        # write, where a wrap-mode child claims its lane: it takes the rank and name the
+        # process has by now, so that both modes tag a process alike
+        self.refresh_identity()
+        self._hooks.set_producer(producer)
+
+    def refresh_identity(self) -> None:
+        """A child's lane takes the rank and multiprocessing name the process has now (they
+        were set after the lane was claimed: by a launcher, by multiprocessing's bootstrap)."""
+        producer = self._producer
+        if self.state is not State.CHILD or producer is None:
+            return
+        if producer.generation != fork_generation():
+            return  # the lane of the process we were forked from
+        rank = detect_rank()
+        producer.set_identity(-1 if rank is None else rank,
+                              process_name().encode("utf-8", "replace")[:31])
 
     def _become_child(self) -> None:
         """Once per new process: re-aim the hooks and claim a lane. Threads that write while one
@@ -391,6 +452,8 @@ class Session:
         if self._child_generation == generation:
             return
         me = threading.get_ident()
+        if self._attaching.get(generation) == me:
+            return  # a hook's write from inside the attach: it goes uncaptured
         if self._attaching.setdefault(generation, me) != me:  # atomic under the GIL
             deadline = time.monotonic() + 5.0
             while self._child_generation != generation and time.monotonic() < deadline:
@@ -417,9 +480,14 @@ class Session:
         fd = self._fd = FdCapture(self._hooks.streams, self._fd_lane,
                                      self._overflow.pump_found_full,
                                      self._overflow.append_rest)
-        fd.open()
+        fd.open(flush=False)
         self._producer = self._claim_lane(fd.read_ends())
+        fd.feed(self._producer)
         fd.run()
+        me = Stamp.current()
+        if self._producer is not None and self._hand_over is not None and self._hand_over.send(
+                self._producer.lane, me.pid, me.start_us, fd.read_ends()):
+            return  # the master holds them from now on, whatever becomes of us
         deadline = time.monotonic() + 0.1  # bounded: never block a child on its master
         while self._producer is not None and not self._producer.pipes_acked:
             if time.monotonic() > deadline:
@@ -435,6 +503,7 @@ class Session:
         """Capture what this process's pipes hold; multiprocessing children call it at exit."""
         if self._fd is not None:
             self._fd.sync(timeout=1.0)
+            self._unstage()
 
     def _drain_fd_pump_in_child(self) -> None:
         """At os._exit(): let the pump catch up first, bounded. What a pipe holds when its
@@ -475,7 +544,7 @@ class Session:
         return None
 
     def _uninstall_in_child(self) -> None:
-        self._hooks.uninstall()
+        self._unhook()
         if self._fd is not None:
             self._fd.stop(timeout=1.0)
         if self._producer is not None:
@@ -491,6 +560,13 @@ class Session:
                 self._ring.unlink_if_orphaned()
         except OSError:
             pass
+
+    def _watch_multiprocessing_children(self) -> None:
+        """Each multiprocessing child started from here: its lane takes the name (and torch spawn
+        rank) the child has once started; at its exit (os._exit: no atexit) the pump catches up
+        and a killed master's segment name is removed."""
+        run_at_multiprocessing_child_exit(self, Session._at_multiprocessing_child_exit,
+                                          started=Session.refresh_identity)
 
     def _at_multiprocessing_child_exit(self) -> None:
         """The exit of a multiprocessing child (its finalizers run, atexit does not)."""

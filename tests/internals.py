@@ -59,6 +59,12 @@ def hook_patches() -> dict[Any, Any]:
     return dict(hooks._stacks)
 
 
+def fd_pump_thread(s: Session) -> Any:
+    """fd mode: the pump thread of this process's capture (None if it has none)."""
+    fd = s._fd
+    return None if fd is None else fd._thread
+
+
 def is_hook(writer: object) -> bool:
     """Whether `writer` (say `vars(sys.stdout).get("write")`) is our C write hook."""
     return isinstance(writer, _ring.Hook)

@@ -70,10 +70,8 @@ def out_of_order(lines: list[str], epochs: int, rounds: int) -> list[str]:
     ("fork", "wrap", 40, 10),
     ("spawn", "wrap", 20, 2),
     ("forkserver", "wrap", 20, 2),
-    pytest.param("fork", "fd", 40, 10, marks=pytest.mark.xfail(
-        reason="fd mode stamps a write when its pump reads the pipe, which may be after the "
-               "worker returned: ordered once Python writes take the hooked path (issue 12, "
-               "part 2)", strict=False)),
+    ("fork", "fd", 40, 10),
+    ("spawn", "fd", 20, 2),
 ])
 def test_a_master_printing_after_its_workers_comes_after_them(tmp_path, method, mode, epochs,
                                                                rounds) -> None:
