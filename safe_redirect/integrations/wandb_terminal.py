@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -269,10 +270,15 @@ class EmulatedLog:
     """
 
     release_after = 2.0
+    #: how long a writer's text waits before its screen takes it (see `_settle`): wandb's own
+    #: emulators are read every 2 s, so that a screen erased soon after it was drawn leaves
+    #: nothing in output.log; the drain passes every few ms, and the idle drain every 0.1 s
+    settle_ns = 50_000_000
 
     def __init__(self, new_screen: Callable[[], Screen]) -> None:
         self._new_screen = new_screen
         self._screens: dict[Writer, Screen] = {}
+        self._unsettled: deque[Record] = deque()  # fed, not yet on a screen (see _settle)
         self._pending: list[tuple[Writer, bool, str]] = []
         self._kept: list[tuple[Writer | None, str]] = []  # rendered, not yet handed on
         self._last_writer: Writer | None = None  # whose line the log ends with
@@ -280,14 +286,33 @@ class EmulatedLog:
         self._kept_since = 0.0
 
     def feed(self, record: Record) -> None:
-        writer = (record.pid, record.tag, record.stream)
-        screen = self._screens.get(writer)
-        if screen is None:
-            screen = self._screens[writer] = self._new_screen()
-        self._pending += [(writer, redraw, line) for redraw, line in screen.write(record.text)]
+        self._unsettled.append(record)
+
+    def _settle(self, final: bool) -> None:
+        """Hand the screens what was written `settle_ns` ago or longer (everything for a
+        flush), a writer's consecutive texts in one write: an erase or a redraw written soon
+        after the lines it changes, in a later drain pass, still changes them before any of
+        them goes out (a screen reads its finished lines after each write)."""
+        now = time.time_ns()
+        waiting = self._unsettled
+        runs: list[tuple[Writer, list[str]]] = []  # a writer's consecutive texts: one write
+        while waiting and (final or now - waiting[0].time_ns >= self.settle_ns):
+            record = waiting.popleft()
+            writer = (record.pid, record.tag, record.stream)
+            if runs and runs[-1][0] == writer:
+                runs[-1][1].append(record.text)
+            else:
+                runs.append((writer, [record.text]))
+        for writer, texts in runs:
+            screen = self._screens.get(writer)
+            if screen is None:
+                screen = self._screens[writer] = self._new_screen()
+            self._pending += [(writer, redraw, line)
+                              for redraw, line in screen.write("".join(texts))]
 
     def end_pass(self, final: bool) -> list[tuple[str, str]]:
         """(stream, text) to hand on, in order; `final`: a flush, everything goes."""
+        self._settle(final)
         if final:
             for writer, screen in list(self._screens.items()):
                 self._pending += [(writer, redraw, line) for redraw, line in screen.take_all()]

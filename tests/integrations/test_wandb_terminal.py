@@ -8,6 +8,7 @@ output.log (or the callbacks' data) byte for byte.
 from __future__ import annotations
 
 import re
+import time
 
 import pytest
 from hypothesis import assume, given, settings
@@ -198,6 +199,20 @@ def test_two_writers_redrawing_at_once_each_land_their_last_state() -> None:
     log.feed(record("\n", 2, "[rank0] ", "stderr"))
     assert log.end_pass(True) == [("stderr", "[rank1] B 3/3\n"), ("stdout", "master\n"),
                                   ("stderr", "[rank0] A 3/3\n")]
+
+
+def test_an_erase_written_soon_after_takes_back_lines_a_pass_had_finished() -> None:
+    """wandb's own `test_erase_screen`: a screen drawn and then cleared by a second print (in a
+    later drain pass, patched) leaves nothing, as wandb's emulators, read every 2 s, leave
+    nothing. Text waits `settle_ns` before its screen takes it; older text goes on at once."""
+    log = EmulatedLog(emulated_screen_factory())
+    now = time.time_ns()
+    log.feed(Record("stdout", "QWERT\nYUIOP\n12345\n", "", 1, None, now))
+    assert log.end_pass(False) == []  # not settled yet
+    log.feed(Record("stdout", "\x1b[2J\n", "", 1, None, now + 1000))
+    assert log.end_pass(True) == []
+    log.feed(Record("stdout", "one\ntwo\nthree\n", "", 1, None, now - 10**9))
+    assert log.end_pass(False) == [("stdout", "one\ntwo\n")]  # written long ago: at once
 
 
 def test_the_last_line_of_a_pass_waits_and_a_redraw_changes_it_in_place() -> None:
