@@ -22,8 +22,7 @@ from operator import attrgetter
 from safe_redirect import _ring, fork_parking
 from safe_redirect.diagnostics import warn
 from safe_redirect.fdcapture import PipeHandOver
-from safe_redirect.procfs import open_peer_pipe, read_available
-from safe_redirect.procfs import unread_bytes as _unread_bytes
+from safe_redirect.procfs import open_peer_pipe, read_available, unread_bytes
 from safe_redirect.record import Interleaver, Record, render_tag  # the first two re-exported
 from safe_redirect.ring import STREAMS, Ring
 from safe_redirect.stamp import Stamp
@@ -341,12 +340,12 @@ class Drain:
                     continue
                 pipes = [open_peer_pipe(info.owner_pid, fd) for fd in info.pipe_fds]
                 ours = [fd for fd in pipes if fd is not None]
-                held = sum(map(_unread_bytes, ours))
+                held = sum(map(unread_bytes, ours))
                 pending[lane] = (ours, info.owner_pid,
                                  info.bytes + info.spilled_bytes + held if held else -1)
             while True:
                 for lane, (ours, owner, due) in list(pending.items()):
-                    if self._pump_caught_up(lane, owner, due) or not any(map(_unread_bytes, ours)):
+                    if self._pump_caught_up(lane, owner, due) or not any(map(unread_bytes, ours)):
                         del pending[lane]
                         for fd in ours:
                             os.close(fd)

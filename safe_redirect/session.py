@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from safe_redirect import _ring
 from safe_redirect.arguments import MODES, OVERFLOW_POLICIES, check_install_arguments
-from safe_redirect.diagnostics import warn as _warn
+from safe_redirect.diagnostics import warn
 from safe_redirect.drain import Drain
 from safe_redirect.exits import (
     forget_before_os_exit,
@@ -169,14 +169,14 @@ class Session:
                                        mode, self._hooks.streams, overflow, stall_timeout,
                                        terminal)
         if ensure_pth() is None:
-            _warn("safe_redirect: no writable site-packages for safe_redirect.pth: spawned "
-                  "processes will not be captured")
+            warn("safe_redirect: no writable site-packages for safe_redirect.pth: spawned "
+                 "processes will not be captured")
         self._previous_env = export(self._attach_info)
         self._register()
         note = uncaptured_in_kernel(mode, self._hooks.streams,
                                     self._hooks.state is HookState.INSTALLED)
         if note:
-            _warn(note)
+            warn(note)
 
     @classmethod
     def attach(cls, info: AttachInfo) -> Session:
@@ -259,8 +259,8 @@ class Session:
         except BaseException:  # a KeyboardInterrupt there must not end the drain
             self._callback_errors += 1
             if self._callback_errors == 1:
-                _warn("safe_redirect: on_output raised (reported once; counted in "
-                      "stats().callback_errors):\n" + traceback.format_exc())
+                warn("safe_redirect: on_output raised (reported once; counted in "
+                     "stats().callback_errors):\n" + traceback.format_exc())
 
     def _pass_end(self, final: bool) -> None:
         if self._on_pass_end is None:
@@ -270,8 +270,8 @@ class Session:
         except Exception:
             self._callback_errors += 1
             if self._callback_errors == 1:
-                _warn("safe_redirect: on_pass_end raised (reported once; counted in "
-                      "stats().callback_errors):\n" + traceback.format_exc())
+                warn("safe_redirect: on_pass_end raised (reported once; counted in "
+                     "stats().callback_errors):\n" + traceback.format_exc())
 
     def flush(self, timeout: float | None = 5.0) -> bool:
         """Deliver everything written so far by this process and live children, partial lines
@@ -287,7 +287,7 @@ class Session:
         else:
             delivered = self._drain.sync(timeout)
         if not delivered:
-            _warn(f"safe_redirect: flush timed out after {timeout} s")
+            warn(f"safe_redirect: flush timed out after {timeout} s")
         return delivered
 
     def uninstall(self, timeout: float | None = 5.0) -> None:
@@ -305,7 +305,7 @@ class Session:
         self._unhook()
         unexport(self._attach_info, self._previous_env)
         if self._fd is not None and not self._fd.stop(timeout):
-            _warn(f"safe_redirect: the fd pump did not drain within {timeout} s")
+            warn(f"safe_redirect: the fd pump did not drain within {timeout} s")
         if self._fd is not None and self._drain is not None:
             self._drain.sync_child_pipes(timeout)  # what live children's pumps have not read yet
         # Children still writing detach at their next write, *then* the final drain: whatever
@@ -316,7 +316,7 @@ class Session:
         self._final_stats = self.stats()
         self._finish()
         if not delivered:
-            _warn(f"safe_redirect: final delivery timed out after {timeout} s")
+            warn(f"safe_redirect: final delivery timed out after {timeout} s")
 
     def _unhook(self) -> None:
         """Take the hooks off. fd mode: what the streams buffer reaches the terminal through
@@ -539,8 +539,8 @@ class Session:
                 return seg.producer(lane)
             seg.wake()  # the master frees the lanes of exited children when asked
             time.sleep(0.005 * (attempt + 1))
-        _warn(f"safe_redirect: no free lane for pid {me.pid}: its output goes to its terminal "
-              "only (counted in stats().lane_misses; raise install(lanes=...))")
+        warn(f"safe_redirect: no free lane for pid {me.pid}: its output goes to its terminal "
+             "only (counted in stats().lane_misses; raise install(lanes=...))")
         return None
 
     def _uninstall_in_child(self) -> None:
