@@ -15,13 +15,13 @@ import heapq
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import replace
 from operator import attrgetter
 
 from safe_redirect import _ring, fork_parking
 from safe_redirect.diagnostics import warn
-from safe_redirect.fdcapture import PipeHandOver
+from safe_redirect.fdcapture import PipeHandOver, close_fds
 from safe_redirect.procfs import open_peer_pipe, read_available, unread_bytes
 from safe_redirect.record import Interleaver, Record, render_tag  # the first two re-exported
 from safe_redirect.ring import STREAMS, Ring
@@ -453,7 +453,7 @@ class Drain:
             reader = self._readers.get(lane)
             if info.state == _ring.LANE_FREE or (info.owner_pid, info.owner_start_us) != (
                     pid, start_us):
-                _close_all(fds.values())
+                close_fds(fds.values())
             elif reader is not None:
                 for stream, fd in fds.items():
                     if stream in reader.pipes:
@@ -461,12 +461,12 @@ class Drain:
                     else:
                         reader.pipes[stream] = fd
             else:
-                _close_all(self._handed.pop((lane, pid, start_us), {}).values())
+                close_fds(self._handed.pop((lane, pid, start_us), {}).values())
                 self._handed[(lane, pid, start_us)] = fds
 
     def _close_handed(self) -> None:
         for fds in self._handed.values():
-            _close_all(fds.values())
+            close_fds(fds.values())
         self._handed.clear()
 
     def _refresh_identity(self, lane: int, reader: LaneReader, seen: int) -> None:
@@ -584,11 +584,6 @@ class Drain:
             self._segment.free(lane)
             self._readers.pop(lane, None)
             self.lanes_reclaimed += 1
-
-
-def _close_all(fds: Iterable[int]) -> None:
-    for fd in fds:
-        os.close(fd)
 
 
 _time_ns = attrgetter("time_ns")

@@ -33,7 +33,7 @@ from safe_redirect._ring import Producer
 from safe_redirect.procfs import append_if_regular_file
 from safe_redirect.ring import STREAM_FDS, STREAMS
 
-__all__ = ["FdCapture", "PipeHandOver", "flush_python_streams"]
+__all__ = ["FdCapture", "PipeHandOver", "close_fds", "flush_python_streams"]
 
 #: Pipe capacity: a writer printing flat out does not block while the pump pauses.
 _PIPE_BYTES = 1 << 20
@@ -99,12 +99,12 @@ class PipeHandOver:
             except (OSError, ValueError):
                 break
             if flags & (socket.MSG_CTRUNC | socket.MSG_TRUNC) or len(data) != self._MESSAGE.size:
-                _close_all(fds)
+                close_fds(fds)
                 continue
             lane, pid, start_us, *read_ends = self._MESSAGE.unpack(data)
             streams = [stream for stream, fd in enumerate(read_ends) if fd >= 0]
             if len(streams) != len(fds):
-                _close_all(fds)
+                close_fds(fds)
                 continue
             for fd in fds:
                 os.set_blocking(fd, False)
@@ -116,7 +116,8 @@ class PipeHandOver:
         self._send.close()
 
 
-def _close_all(fds: Iterable[int]) -> None:
+def close_fds(fds: Iterable[int]) -> None:
+    """Close each of `fds` (ours: handed over, never shared)."""
     for fd in fds:
         os.close(fd)
 
