@@ -50,8 +50,8 @@ SCRIPT = textwrap.dedent("""
             print("x" * 79)
         sys.stdout.flush()
         if mode == "fd":  # wait until the pump has put every byte in the lane
-            lane, want = session._producer.lane, lines * 80
-            while session._ring.lane_info(lane).bytes < want:
+            lane, want = session._writer.producer.lane, lines * 80
+            while session._writer.ring.lane_info(lane).bytes < want:
                 time.sleep(0.001)
         os.write(w, str(peak_kib()).encode())
         os._exit(0)

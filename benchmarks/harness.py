@@ -273,8 +273,8 @@ class OwnLane:
     """
 
     def __init__(self, session: Any) -> None:
-        self._ring = session._ring
-        self._lane = session._producer.lane
+        self._ring = session._writer.ring
+        self._lane = session._writer.producer.lane
         self._base = self.bytes()
 
     def bytes(self) -> int:

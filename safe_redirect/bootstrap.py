@@ -78,7 +78,7 @@ def adopt(raw: str | None) -> None:
         else:
             os.environ[ENV_VAR] = raw
         stale = _attached
-        if stale is not None and stale._attach_info.encode() != raw:
+        if stale is not None and stale.attach_info.encode() != raw:
             _attached = None
             stale.uninstall()
         if raw and _attached is None:

@@ -61,7 +61,7 @@ def hook_patches() -> dict[Any, Any]:
 
 def fd_pump_thread(s: Session) -> Any:
     """fd mode: the pump thread of this process's capture (None if it has none)."""
-    fd = s._fd
+    fd = s._writer.fd
     return None if fd is None else fd._thread
 
 
@@ -84,7 +84,7 @@ def patch_site_dirs(monkeypatch: Any, dirs: Callable[[], list[str]]) -> None:
 
 def ring_of(s: Session) -> Ring:
     """The session's mapped segment."""
-    return s._ring
+    return s._writer.ring
 
 
 def segment_name(s: Session) -> str:
@@ -138,13 +138,14 @@ def record_header_at(s: Session, lane: int, position: int) -> tuple[int, int, in
 
 def drain_errors(s: Session) -> int:
     """Drain passes that failed (a torn or corrupt record, a bug): 0 in a healthy session."""
-    return s._drain.errors if s._drain is not None else 0
+    drain = s._master.drain if s._master is not None else None
+    return drain.errors if drain is not None else 0
 
 
 def reap_only_on_flush(s: Session) -> None:
     """Lanes of dead children are then freed by flush() only, not every reap interval."""
-    assert s._drain is not None
-    s._drain.reap_interval = 3600.0
+    assert s._master is not None and s._master.drain is not None
+    s._master.drain.reap_interval = 3600.0
 
 
 def queue_for_pass(drain: Drain, records: list[Record], lane: object) -> None:
