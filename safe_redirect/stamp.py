@@ -5,6 +5,16 @@ pid is alive but whose start time differs is somebody else. Forks are seen two w
 bumps a *fork generation* in every child right after fork(), before any Python code runs there (also
 for forks made by C libraries), and `os.register_at_fork` runs our Python handlers where Python
 forked. The write path compares generations, one memory load; the slower paths compare pids.
+
+Every way a fork is noticed leads to one place, `LaneWriter.become_child` (`writer.py`):
+- Python forked: the handlers registered here with `on_fork_in_child` run first thing in the
+  child (the hooks re-aim, fd captures let go of the parent's pipes, each session's writer
+  enters the child state; fd mode claims its lane at once);
+- any fork, C ones included: the C hook sees a new generation at the first captured write and
+  calls its `on_fork` (a wrap-mode child claims its lane there);
+- the slow paths (`Session.flush`, `uninstall`, `stats`) compare the owner's pid with ours.
+Two more registries serve other needs: `fork_parking.py` parks our threads in the parent around
+a fork, and `exits.py` runs what a multiprocessing child needs once started and at its exit.
 """
 
 from __future__ import annotations
