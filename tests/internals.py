@@ -6,7 +6,8 @@ holds, the drain's error count, a record half copied into a lane, the C hook on 
 a thread sleeps on the segment's doorbell. Each such need is one function here, named for what it
 means and written as a one-liner onto today's private attribute, so that a redesign of the
 package's centre (issue 13: Session split by role, one Python face for the C core) changes this
-file, not the tests.
+file, not the tests. A Session's private attributes are read by four functions only: ring_of,
+drain_of, fd_capture_of, drain_fd_pump; the others are built on them.
 
 It imports nothing but safe_redirect: tests/test_pytest_plugin.py copies it beside the test files
 of its inner pytest runs.
@@ -20,6 +21,7 @@ from typing import Any
 
 from safe_redirect import _ring, hooks, session, spawn
 from safe_redirect.drain import Drain, Record
+from safe_redirect.fdcapture import FdCapture
 from safe_redirect.ring import LaneInfo, Ring
 from safe_redirect.session import Session
 
@@ -59,10 +61,21 @@ def hook_patches() -> dict[Any, Any]:
     return dict(hooks._stacks)
 
 
+def fd_capture_of(s: Session) -> FdCapture | None:
+    """fd mode: this process's pipes and their pump (None in wrap mode, or once uninstalled)."""
+    return s._writer.fd
+
+
 def fd_pump_thread(s: Session) -> Any:
     """fd mode: the pump thread of this process's capture (None if it has none)."""
-    fd = s._writer.fd
+    fd = fd_capture_of(s)
     return None if fd is None else fd._thread
+
+
+def drain_fd_pump(s: Session) -> None:
+    """fd mode: read what this process's pipes hold into its lane now, as a multiprocessing
+    child does at exit."""
+    s._writer.drain_pump()
 
 
 def is_hook(writer: object) -> bool:
@@ -136,16 +149,22 @@ def record_header_at(s: Session, lane: int, position: int) -> tuple[int, int, in
 
 # -- the drain of a session (in its master)
 
+def drain_of(s: Session) -> Drain | None:
+    """The session's reader of the lanes (None outside the master, or once uninstalled)."""
+    return s._master.drain if s._master is not None else None
+
+
 def drain_errors(s: Session) -> int:
     """Drain passes that failed (a torn or corrupt record, a bug): 0 in a healthy session."""
-    drain = s._master.drain if s._master is not None else None
+    drain = drain_of(s)
     return drain.errors if drain is not None else 0
 
 
 def reap_only_on_flush(s: Session) -> None:
     """Lanes of dead children are then freed by flush() only, not every reap interval."""
-    assert s._master is not None and s._master.drain is not None
-    s._master.drain.reap_interval = 3600.0
+    drain = drain_of(s)
+    assert drain is not None
+    drain.reap_interval = 3600.0
 
 
 def queue_for_pass(drain: Drain, records: list[Record], lane: object) -> None:

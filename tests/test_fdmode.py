@@ -272,8 +272,8 @@ def test_flushing_an_empty_pipe_keeps_capturing() -> None:
 def _flushes_its_empty_pump_then_writes_a_lot() -> None:
     session = internals.active_sessions()[-1]
     os.write(1, b"before\n")
-    session.drain_fd_pump()
-    session.drain_fd_pump()  # the pipe is empty now
+    internals.drain_fd_pump(session)
+    internals.drain_fd_pump(session)  # the pipe is empty now
     for i in range(40000):  # 1.4 MB: more than a pipe holds, if nobody read it any more
         os.write(1, f"after {i:05d} ".encode() + b"z" * 20 + b"\n")
 
