@@ -226,14 +226,6 @@ class Session:
         with master.lock:
             return Stats() if self._uninstalled else master.stats()
 
-    def drain_fd_pump(self) -> None:
-        """Capture what this process's pipes hold; multiprocessing children call it at exit."""
-        self._writer.drain_pump()
-
-    def refresh_identity(self) -> None:
-        """A child's lane takes the rank and multiprocessing name the process has now."""
-        self._writer.refresh_identity()
-
     # -- a child's side
 
     def _in_child(self) -> bool:
@@ -274,13 +266,18 @@ class Session:
         rank) the child has once started; at its exit (os._exit: no atexit) the pump catches up
         and a killed master's segment name is removed."""
         run_at_multiprocessing_child_exit(self, Session._at_multiprocessing_child_exit,
-                                          started=Session.refresh_identity)
+                                          started=Session._refresh_identity)
+
+    def _refresh_identity(self) -> None:
+        """A multiprocessing child has its name (and torch spawn rank) now: its lane takes it."""
+        if not self._uninstalled:
+            self._writer.refresh_identity()
 
     def _at_multiprocessing_child_exit(self) -> None:
         """The exit of a multiprocessing child (its finalizers run, atexit does not)."""
         if self._uninstalled:
             return
-        self.drain_fd_pump()
+        self._writer.drain_pump()
         self._unlink_if_master_died()
 
 
