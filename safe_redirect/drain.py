@@ -318,7 +318,7 @@ class Drain:
             if records:
                 found = True
                 children = children or lane != self._master_lane
-                if not final and sum(len(r[3]) for r in records) >= bite:
+                if not final and sum(len(r[3]) for r in records) >= bite:  # r[3]: payload
                     more = True  # this lane may hold more: no pause before the next pass
                 self._queued.add(reader.feed(records), reader)
             if final:
