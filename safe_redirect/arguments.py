@@ -14,8 +14,7 @@ import numbers
 import string
 from collections.abc import Iterable
 
-from safe_redirect import _ring
-from safe_redirect.ring import STREAMS
+from safe_redirect.ring import MAX_LANE_BYTES, MAX_LANES, MIN_LANE_BYTES, STREAMS
 
 __all__ = ["MODES", "OVERFLOW_POLICIES", "TAG_FIELDS", "check_install_arguments"]
 
@@ -42,12 +41,12 @@ def check_install_arguments(on_output: object, mode: object, streams: object, ta
     _check_choice("mode", mode, MODES)
     names = _check_streams(streams)
     _check_tag(tag)
-    if not 1 <= _int("lanes", lanes) <= _ring.MAX_LANES:
-        raise ValueError(f"lanes must be from 1 to {_ring.MAX_LANES}, not {lanes}")
+    if not 1 <= _int("lanes", lanes) <= MAX_LANES:
+        raise ValueError(f"lanes must be from 1 to {MAX_LANES}, not {lanes}")
     size = _int("lane_bytes", lane_bytes)
-    if not _ring.MIN_LANE_BYTES <= size <= _ring.MAX_LANE_BYTES or size & (size - 1):
-        raise ValueError(f"lane_bytes must be a power of two from {_ring.MIN_LANE_BYTES} to "
-                         f"{_ring.MAX_LANE_BYTES} (4 KiB to 4 GiB), not {lane_bytes}")
+    if not MIN_LANE_BYTES <= size <= MAX_LANE_BYTES or size & (size - 1):
+        raise ValueError(f"lane_bytes must be a power of two from {MIN_LANE_BYTES} to "
+                         f"{MAX_LANE_BYTES} (4 KiB to 4 GiB), not {lane_bytes}")
     _check_choice("overflow", overflow, OVERFLOW_POLICIES)
     _check_seconds("stall_timeout", stall_timeout)
     _check_seconds("exit_timeout", exit_timeout)

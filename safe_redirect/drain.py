@@ -1,193 +1,114 @@
-"""The master's reader: one thread empties the lanes, rebuilds lines and hands them to the callback.
+"""The master's reader: one thread empties the lanes and hands their lines to the callback.
 
 Callbacks run here and only here, never on a writer's thread: a `print` costs a copy into shared
 memory, a slow or failing callback cannot stall or break a writer, and all processes meet at one
-ordering point. Lines are rebuilt per lane and per stream: partial writes wait for their newline
-(or `\\r`, or a flush, or the writer's exit), UTF-8 split across writes is joined by an incremental
-decoder, and invalid bytes become U+FFFD instead of an exception. What it makes, `Record`, lives in
-`record.py` (also importable from here, as it used to be).
+ordering point: each pass merges what the lanes held in time order. Here too: the lanes of exited
+children are drained and freed (reaped), and the drain thread ends around a fork and starts anew
+after it (`fork_parking.py`). Where the rest lives: the line rebuild of one lane is
+`lanereader.py`, what it makes (`Record`) is `record.py` (also importable from here, as it used to
+be), fd mode's second way out of a child (its pipes) is `childpipes.py`.
 """
 
 from __future__ import annotations
 
-import codecs
 import heapq
-import os
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import replace
+from collections.abc import Callable, Iterable
 from operator import attrgetter
 
-from safe_redirect import _ring, fork_parking
+from safe_redirect import fork_parking
+from safe_redirect.childpipes import ChildPipes
 from safe_redirect.diagnostics import warn
-from safe_redirect.fdcapture import PipeHandOver, close_fds
-from safe_redirect.procfs import open_peer_pipe, read_available, unread_bytes
-from safe_redirect.record import Interleaver, Record, render_tag  # the first two re-exported
-from safe_redirect.ring import STREAMS, Ring
+from safe_redirect.fdcapture import PipeHandOver
+from safe_redirect.lanereader import JOIN_GAP_NS, LaneReader
+from safe_redirect.record import Interleaver, Record  # re-exported
+from safe_redirect.ring import COUNTERS, LaneInfo, LaneState, Ring
 from safe_redirect.stamp import Stamp
 
-__all__ = ["Drain", "Interleaver", "LaneReader", "Record"]
-
-# A partial line longer than this is delivered as it is rather than held without bound.
-MAX_PARTIAL_CHARS = 1 << 20
-#: Writes of one thread follow each other this closely (ns) to share a Record, whose time is its
-#: first line's: a writer that paused longer (say, for its workers) starts a Record of its own, so
-#: that the drain can order its later lines after what other processes wrote meanwhile. A writer
-#: printing flat out stays in few Records (a pause is longer than a print: ~1-3 µs).
-JOIN_GAP_NS = 20_000
+__all__ = ["Drain", "Interleaver", "Record"]
 
 
-def _cut_point(text: str) -> int:
-    """Index just past the last line end in `text` (0 if none). A `\\r` at the very end waits:
-    the next write may begin with the `\\n` of a `\\r\\n`."""
-    end = len(text)
-    while True:
-        i = max(text.rfind("\n", 0, end), text.rfind("\r", 0, end))
-        if i < 0:
-            return 0
-        if text[i] == "\r" and i == len(text) - 1:
-            end = i
-            continue
-        return i + 1
+class _LaneReaders:
+    """The LaneReader of each lane in use, made when a pass first finds the lane claimed, tagged
+    with its owner's rank and name as they are when its records are fed."""
+
+    def __init__(self, ring: Ring, tag_template: str, master_lane: int,
+                 opened: Callable[[int, LaneInfo], None]) -> None:
+        self._ring = ring
+        self._segment = ring.segment
+        self._tag_template = tag_template
+        self._master_lane = master_lane
+        self._opened = opened  # called with (lane, its header) once its reader is made
+        self._by_lane: dict[int, LaneReader] = {}
+
+    def get(self, lane: int) -> LaneReader | None:
+        """The reader of `lane`; None while the lane is being claimed."""
+        reader = self._by_lane.get(lane)
+        if reader is not None:
+            return reader
+        identity = self._segment.identity(lane)  # before the header: a change after it is seen
+        info = self._ring.lane_info(lane)
+        if info.state == LaneState.FREE:
+            return None  # being claimed right now
+        rank = None if info.rank < 0 else info.rank
+        reader = self._by_lane[lane] = LaneReader(
+            info.owner_pid, info.owner_start_us, rank, info.name.decode("utf-8", "replace"),
+            self._tag_template, master=lane == self._master_lane)
+        reader.refresh = lambda: self._refresh_identity(lane, reader, identity)
+        self._opened(lane, info)
+        return reader
+
+    def drop(self, lane: int) -> None:
+        """`lane` was freed: its next owner gets a reader of its own."""
+        self._by_lane.pop(lane, None)
+
+    def _refresh_identity(self, lane: int, reader: LaneReader, seen: int) -> None:
+        """Render the tag of `lane` again if its owner set rank and name anew since `seen`
+        (read after the records being fed, so that they are tagged as their writer wanted)."""
+        identity = self._segment.identity(lane)
+        if identity == seen:
+            return
+        info = self._ring.lane_info(lane)
+        if self._segment.identity(lane) != identity:
+            return  # set anew while we read it: next time
+        reader.rename(None if info.rank < 0 else info.rank, info.name.decode("utf-8", "replace"))
+        reader.refresh = lambda: self._refresh_identity(lane, reader, identity)
 
 
-class _StreamState:
-    """One thread's partial line on one stream."""
-
-    __slots__ = ("decoder", "mid_line", "partial", "partial_time", "rank")
+class _PassQueue:
+    """What a pass read, lane by lane, for delivery in one order across processes: the records
+    stamped before the pass began go out merged by `time_ns`, a stable merge that keeps each
+    lane's own order (per process, stream and thread); the rest of a lane, from its first later
+    record on, waits for the next pass, whose sweep reads every lane again."""
 
     def __init__(self) -> None:
-        self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
-        self.partial = ""
-        self.partial_time = 0
-        self.rank = -1  # the writing thread's own rank, if it has one
-        self.mid_line = False  # what was delivered last ended inside a line
+        self._by_lane: dict[object, list[Record]] = {}
 
-    def delivered(self, text: str) -> bool:
-        """Note that `text` goes out; whether it continues the line delivered before it."""
-        continued = self.mid_line
-        self.mid_line = not text.endswith(("\n", "\r"))
-        return continued
+    def add(self, records: list[Record], lane: object) -> None:
+        """Queue `records` of one lane (`lane`: any key for it, its reader), in their order."""
+        if records:
+            self._by_lane.setdefault(lane, []).extend(records)
 
-
-class LaneReader:
-    """Rebuilds the lines of one lane's owner from its records."""
-
-    def __init__(self, pid: int, start_us: int, rank: int | None, name: str = "",
-                 template: str = "[rank{rank}] ", master: bool = False) -> None:
-        self.owner = Stamp(pid, start_us)
-        self.rank = rank
-        self.name = name
-        self._template = template
-        self._master = master
-        self.tag = "" if master else render_tag(template, rank, pid, name)
-        self._streams: dict[tuple[int, int], _StreamState] = {}  # by (stream, thread)
-        self.pipes: dict[int, int] = {}  # fd mode: stream -> our read end of the owner's pipe
-        #: the rank and the writing thread its records carried last (in fd mode the pump, which
-        #: stamps the rank it reads from the environment): what is recovered from its pipes after
-        #: its death continues that thread's line and is tagged with that rank
-        self.last_thread_rank = -1
-        self.last_thread = 0
-        #: asked before each feed: the owner may have set its rank and name anew since
-        self.refresh: Callable[[], None] | None = None
-
-    def rename(self, rank: int | None, name: str) -> None:
-        """The owner's rank and name changed (a child named by a launcher after it claimed its
-        lane): lines from now on get the new tag."""
-        self.rank, self.name = rank, name
-        if not self._master:
-            self.tag = render_tag(self._template, rank, self.owner.pid, name)
-
-    def close_pipes(self) -> None:
-        for fd in self.pipes.values():
-            os.close(fd)
-        self.pipes.clear()
-
-    def _record(self, stream: int, text: str, time_ns: int, thread_rank: int = -1,
-                continued: bool = False) -> Record:
-        """A Record of this owner; a thread with a rank of its own (torch_xla) is tagged by it."""
-        name = STREAMS[stream] if stream < len(STREAMS) else f"stream{stream}"
-        if thread_rank < 0:
-            return Record(name, text, self.tag, self.owner.pid, self.rank, time_ns, continued)
-        tag = render_tag(self._template, thread_rank, self.owner.pid, self.name)
-        return Record(name, text, tag, self.owner.pid, thread_rank, time_ns, continued)
-
-    def feed(self, records: list[tuple[int, int, int, bytes, int, int]]) -> list[Record]:
-        """Whole lines found in `records`; consecutive lines of one stream and origin share a
-        Record unless their writer paused longer than JOIN_GAP_NS between them. Lines are rebuilt
-        per writing thread: two threads never splice into one line."""
-        out: list[Record] = []
-        cut_before = False  # a line was cut short (FLAG_GAP): the next text must not join it
-        last_time = 0  # when the lines last emitted began
-        if self.refresh is not None:
-            self.refresh()
-
-        def emit(state: _StreamState, stream: int, text: str, time_ns: int,
-                 thread_rank: int) -> None:
-            nonlocal cut_before, last_time
-            record = self._record(stream, text, time_ns, thread_rank, state.delivered(text))
-            last = out[-1] if out else None
-            if last and not cut_before and (last.stream, last.tag, last.rank) == (
-                    record.stream, record.tag, record.rank) and (
-                    0 <= time_ns - last_time <= JOIN_GAP_NS):
-                out[-1] = replace(last, text=last.text + text)
-            else:
-                out.append(record)
-            cut_before = False
-            last_time = time_ns
-
-        for stream, flags, time_ns, payload, thread, thread_rank in records:
-            if thread_rank >= 0:
-                self.last_thread_rank = thread_rank
-            self.last_thread = thread
-            state = self._streams.get((stream, thread))
-            if state is None:
-                state = self._streams[(stream, thread)] = _StreamState()
-            if flags & _ring.FLAG_FLUSH:
-                # The flushing thread's partial line only: another thread's may be half written
-                # (print(..., flush=True) from rank threads); it waits for its own end.
-                text = state.partial + state.decoder.decode(b"", final=True)
-                if text:
-                    emit(state, stream, text, state.partial_time or time_ns, state.rank)
-                state.partial = ""
-                continue
-            if flags & _ring.FLAG_GAP:
-                # The writer spilled the rest of the line it had open (a full lane): that line
-                # ends here as it is, in a Record of its own; what follows starts a new line.
-                head = state.partial + state.decoder.decode(b"", final=True)
-                state.partial = ""
-                if head:
-                    emit(state, stream, head, state.partial_time or time_ns, state.rank)
-                    state.mid_line = False
-                    cut_before = True
-            text = state.decoder.decode(payload)
-            if not text:
-                continue
-            if not state.partial:
-                state.partial_time, state.rank = time_ns, thread_rank
-            pending = state.partial + text
-            cut = _cut_point(pending)
+    def take(self, horizon: int | None) -> Iterable[Record]:
+        """The queued records stamped before `horizon` (all if None), merged in time order;
+        the rest stay queued."""
+        queued, self._by_lane = self._by_lane, {}
+        ready: list[list[Record]] = []
+        for lane, records in queued.items():
+            cut = len(records)
+            if horizon is not None:
+                cut = next((i for i, r in enumerate(records) if r.time_ns >= horizon), cut)
+                if cut < len(records):
+                    self._by_lane[lane] = records[cut:]
             if cut:
-                emit(state, stream, pending[:cut], state.partial_time, state.rank)
-                pending = pending[cut:]
-                state.partial_time, state.rank = time_ns, thread_rank
-            if len(pending) > MAX_PARTIAL_CHARS:
-                emit(state, stream, pending, state.partial_time, state.rank)
-                pending = ""
-            state.partial = pending
-        return out
+                ready.append(records[:cut] if cut < len(records) else records)
+        return ready[0] if len(ready) == 1 else heapq.merge(*ready, key=_time_ns)
 
-    def flush(self) -> list[Record]:
-        """Deliver partial lines too: the writer flushed, exited, or the master asked for all."""
-        out: list[Record] = []
-        for (stream, _), state in sorted(self._streams.items()):
-            text = state.partial + state.decoder.decode(b"", final=True)
-            state.partial = ""
-            if text:
-                out.append(self._record(stream, text, state.partial_time, state.rank,
-                                        state.delivered(text)))
-        return out
+    @property
+    def waiting(self) -> bool:
+        """Records wait for the next pass."""
+        return bool(self._by_lane)
 
 
 class Drain:
@@ -226,12 +147,11 @@ class Drain:
         self._ring = ring
         self._segment = ring.segment
         self._deliver = deliver
-        self._recovered = recovered
+        self._pipes = ChildPipes(ring, master_lane, recovered)  # fd mode's
         self._pass_end = pass_end  # after each pass: what it delivered can go on as a batch
-        self._tag_template = tag_template
         self._master_lane = master_lane
-        self._readers: dict[int, LaneReader] = {}
-        self._batch: dict[object, list[Record]] = {}  # records of this pass, by lane reader
+        self._readers = _LaneReaders(ring, tag_template, master_lane, opened=self._pipes.open)
+        self._queued = _PassQueue()  # what this pass read, for delivery in time order
         self._cond = threading.Condition()
         self._requested = 0  # sync requests made
         self._completed = 0  # sync requests served
@@ -244,15 +164,19 @@ class Drain:
         self.on_restart: Callable[[int], None] = lambda ident: None
         self._lane_misses_seen = 0
         # totals of lanes already freed, so that stats survive lane reuse
-        self.retired = {"records": 0, "bytes": 0, "spilled_records": 0, "spilled_bytes": 0,
-                        "stalls": 0}
+        self.retired = dict.fromkeys(COUNTERS, 0)
         self.lanes_reclaimed = 0
         self.records_delivered = 0
         self.errors = 0
-        #: fd mode: forked children hand their pipes over through it (None: /proc only)
-        self.hand_over: PipeHandOver | None = None
-        #: pipes handed over before their lane's reader exists: (lane, pid, start) -> {stream: fd}
-        self._handed: dict[tuple[int, int, int], dict[int, int]] = {}
+
+    @property
+    def hand_over(self) -> PipeHandOver | None:
+        """fd mode: forked children hand their pipes over through it (None: /proc only)."""
+        return self._pipes.hand_over
+
+    @hand_over.setter
+    def hand_over(self, hand_over: PipeHandOver | None) -> None:
+        self._pipes.hand_over = hand_over
 
     @property
     def alive(self) -> bool:
@@ -321,52 +245,16 @@ class Drain:
         self._thread.join(timeout)
         stopped = not self._thread.is_alive()
         if stopped:
-            for reader in self._readers.values():
-                reader.close_pipes()
-            self._close_handed()
+            self._pipes.close_all()
         return delivered and stopped
 
     def sync_child_pipes(self, timeout: float | None) -> bool:
-        """fd mode: what a live child wrote may still sit in its pipe, not yet read by its pump.
-        Wait (bounded) until the pump of each child has read what its pipes held at the call (its
-        lane's byte count grew by as much, or the pipes were seen empty: a child printing flat
-        out does not hold us up), then sync. False on timeout."""
+        """fd mode: wait (bounded) until each live child's pump has read what its pipes held at
+        the call (see ChildPipes.wait_for_pumps), then sync. False on timeout."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        pending: dict[int, tuple[list[int], int, int]] = {}  # lane -> (pipes, owner, count due)
-        try:
-            for lane in self._segment.busy_lanes():
-                info = self._ring.lane_info(lane)
-                if lane == self._master_lane or max(info.pipe_fds) < 0:
-                    continue
-                pipes = [open_peer_pipe(info.owner_pid, fd) for fd in info.pipe_fds]
-                ours = [fd for fd in pipes if fd is not None]
-                held = sum(map(unread_bytes, ours))
-                pending[lane] = (ours, info.owner_pid,
-                                 info.bytes + info.spilled_bytes + held if held else -1)
-            while True:
-                for lane, (ours, owner, due) in list(pending.items()):
-                    if self._pump_caught_up(lane, owner, due) or not any(map(unread_bytes, ours)):
-                        del pending[lane]
-                        for fd in ours:
-                            os.close(fd)
-                if not pending:
-                    break
-                if deadline is not None and time.monotonic() >= deadline:
-                    return False
-                time.sleep(0.0005)
-        finally:
-            for ours, _, _ in pending.values():
-                for fd in ours:
-                    os.close(fd)
+        if not self._pipes.wait_for_pumps(deadline):
+            return False
         return self.sync(None if deadline is None else max(0.0, deadline - time.monotonic()))
-
-    def _pump_caught_up(self, lane: int, owner: int, due: int) -> bool:
-        """The lane's producer has taken in `due` bytes (stored or spilled), or is gone: the
-        reaping of a dead child's lane empties its pipes, a closed lane's pump has drained."""
-        info = self._ring.lane_info(lane)
-        if info.owner_pid != owner or info.state != _ring.LANE_ACTIVE:
-            return True
-        return info.bytes + info.spilled_bytes >= due
 
     # -- the thread
 
@@ -411,76 +299,6 @@ class Drain:
                     return  # as above: nothing is left to read
                 raise
 
-    def _reader(self, lane: int) -> LaneReader | None:
-        reader = self._readers.get(lane)
-        if reader is not None:
-            return reader
-        identity = self._segment.identity(lane)  # before the header: a change after it is seen
-        info = self._ring.lane_info(lane)
-        if info.state == _ring.LANE_FREE:
-            return None  # being claimed right now
-        rank = None if info.rank < 0 else info.rank
-        reader = self._readers[lane] = LaneReader(
-            info.owner_pid, info.owner_start_us, rank, info.name.decode("utf-8", "replace"),
-            self._tag_template, master=lane == self._master_lane)
-        reader.refresh = lambda: self._refresh_identity(lane, reader, identity)
-        if max(info.pipe_fds) >= 0 and lane != self._master_lane:
-            # fd mode: a second way out of the child, its pipes' read ends: handed over (see
-            # PipeHandOver), else opened through /proc (a child that died before we looked had
-            # handed them over, if it wrote anything)
-            reader.pipes.update(self._handed.pop((lane, info.owner_pid, info.owner_start_us), {}))
-            self._receive_pipes()
-            expected = sum(fd >= 0 for fd in info.pipe_fds)
-            if len(reader.pipes) < expected:
-                for stream, fd in enumerate(info.pipe_fds):
-                    if stream not in reader.pipes:
-                        ours = open_peer_pipe(info.owner_pid, fd)
-                        if ours is not None:
-                            reader.pipes[stream] = ours
-                if len(reader.pipes) < expected:
-                    self._receive_pipes()
-            self._segment.ack_pipes(lane)  # the child waits (bounded) for this
-        return reader
-
-    def _receive_pipes(self) -> None:
-        """Take the pipes that children handed over: into their lane's reader, or kept for the
-        reader to come; dropped where the reader has that pipe already (opened through /proc
-        first) or the lane has another owner by now."""
-        if self.hand_over is None:
-            return
-        for lane, pid, start_us, fds in self.hand_over.receive():
-            info = self._ring.lane_info(lane)
-            reader = self._readers.get(lane)
-            if info.state == _ring.LANE_FREE or (info.owner_pid, info.owner_start_us) != (
-                    pid, start_us):
-                close_fds(fds.values())
-            elif reader is not None:
-                for stream, fd in fds.items():
-                    if stream in reader.pipes:
-                        os.close(fd)
-                    else:
-                        reader.pipes[stream] = fd
-            else:
-                close_fds(self._handed.pop((lane, pid, start_us), {}).values())
-                self._handed[(lane, pid, start_us)] = fds
-
-    def _close_handed(self) -> None:
-        for fds in self._handed.values():
-            close_fds(fds.values())
-        self._handed.clear()
-
-    def _refresh_identity(self, lane: int, reader: LaneReader, seen: int) -> None:
-        """Render the tag of `lane` again if its owner set rank and name anew since `seen`
-        (read after the records being fed, so that they are tagged as their writer wanted)."""
-        identity = self._segment.identity(lane)
-        if identity == seen:
-            return
-        info = self._ring.lane_info(lane)
-        if self._segment.identity(lane) != identity:
-            return  # set anew while we read it: next time
-        reader.rename(None if info.rank < 0 else info.rank, info.name.decode("utf-8", "replace"))
-        reader.refresh = lambda: self._refresh_identity(lane, reader, identity)
-
     def _pass(self, final: bool) -> tuple[bool, bool, bool]:
         """Read every lane once: (anything read or still held, a lane gave all a pass takes and
         may hold more, a lane other than the master's had data)."""
@@ -488,48 +306,31 @@ class Drain:
         # what was stamped before the sweep began goes out now, merged in time order; a record
         # stamped later waits for the next pass, whose sweep reads every lane after it: a line
         # published before another was stamped is delivered before it, whichever lane was read
-        # first (see _deliver_in_order)
+        # first (see _PassQueue)
         horizon = time.time_ns()
         # one lane with data: take all it holds; several: a bite of each, round and round
         bite = 1 << 62 if final or self._segment.lanes_with_data() < 2 else self.max_read
         for lane in self._segment.busy_lanes():
-            reader = self._reader(lane)
+            reader = self._readers.get(lane)
             if reader is None:
                 continue
             records = self._segment.read(lane, bite, JOIN_GAP_NS)
             if records:
                 found = True
                 children = children or lane != self._master_lane
-                if not final and sum(len(r[3]) for r in records) >= bite:
+                if not final and sum(len(r[3]) for r in records) >= bite:  # r[3]: payload
                     more = True  # this lane may hold more: no pause before the next pass
-                self._hand_over(reader.feed(records), reader)
+                self._queued.add(reader.feed(records), reader)
             if final:
-                self._hand_over(reader.flush(), reader)
+                self._queued.add(reader.flush(), reader)
         # final (sync, the last pass): everything read goes; so does all once the thread stops
         held = self._deliver_in_order(None if final or self._stopping else horizon)
         return found or held, more, children
 
-    def _hand_over(self, records: list[Record], source: object) -> None:
-        """Queue `records` of one lane (`source`: its reader) for this pass, in their order."""
-        if records:
-            self._batch.setdefault(source, []).extend(records)
-
     def _deliver_in_order(self, horizon: int | None) -> bool:
-        """Deliver the queued records stamped before `horizon` (all if None) in time_ns order,
-        by a stable merge that keeps each lane's own order (per process, stream and thread). The
-        rest of a lane, from its first later record on, waits for the next pass. True if any
-        record waits."""
-        batch, self._batch = self._batch, {}
-        ready: list[list[Record]] = []
-        for source, records in batch.items():
-            cut = len(records)
-            if horizon is not None:
-                cut = next((i for i, r in enumerate(records) if r.time_ns >= horizon), cut)
-                if cut < len(records):
-                    self._batch[source] = records[cut:]
-            if cut:
-                ready.append(records[:cut] if cut < len(records) else records)
-        merged = ready[0] if len(ready) == 1 else heapq.merge(*ready, key=_time_ns)
+        """Deliver what this pass queued that was stamped before `horizon` (all if None), in
+        time order; whether some records wait for the next pass."""
+        merged = self._queued.take(horizon)
         # the last pass of a stopping thread must leave nothing read and undelivered
         read_ahead = not self._stopping and self.alive and (
             threading.get_ident() == getattr(self._thread, "ident", None))
@@ -540,17 +341,17 @@ class Drain:
             if read_ahead and time.monotonic() >= next_read:
                 self._read_ahead()
                 next_read = time.monotonic() + self.read_ahead_interval
-        return bool(self._batch)
+        return self._queued.waiting
 
     def _read_ahead(self) -> None:
         """While slow callbacks deliver a pass, keep reading for the next one: writers waiting
         for room get it, and see the master reading (a stall is the master reading nothing)."""
         for lane in self._segment.busy_lanes():
-            reader = self._reader(lane)
+            reader = self._readers.get(lane)
             if reader is not None:
                 records = self._segment.read(lane, self.max_read, JOIN_GAP_NS)
                 if records:
-                    self._hand_over(reader.feed(records), reader)
+                    self._queued.add(reader.feed(records), reader)
 
     def _reap(self) -> None:
         """Drain and free the lanes whose writers closed them or died."""
@@ -558,31 +359,23 @@ class Drain:
             if lane == self._master_lane:
                 continue
             info = self._ring.lane_info(lane)
-            if info.state == _ring.LANE_ACTIVE:
+            if info.state == LaneState.ACTIVE:
                 if Stamp(info.owner_pid, info.owner_start_us).is_alive():
                     continue
-            elif info.state == _ring.LANE_FREE:  # claimed but not yet set up
+            elif info.state == LaneState.FREE:  # claimed but not yet set up
                 if Stamp(info.owner_pid, 0).pid_exists():
                     continue
-            reader = self._reader(lane) or LaneReader(info.owner_pid, 0, None)
-            self._hand_over(reader.feed(self._segment.read(lane, 1 << 62, JOIN_GAP_NS)), reader)
-            if info.state != _ring.LANE_CLOSED:  # died: its pump may not have emptied its pipes
-                # they continue the lines of the pipes' thread (fd mode's hooks write others)
-                thread = self._segment.pipe_thread(lane) or reader.last_thread
-                rank = reader.last_thread_rank if thread == reader.last_thread else -1
-                left = [(stream, 0, time.time_ns(), read_available(fd), thread, rank)
-                        for stream, fd in reader.pipes.items()]
-                for stream, _, _, data, _, _ in left:
-                    if data:
-                        self._recovered(stream, data)  # the terminal never saw these either
-                self._hand_over(reader.feed([x for x in left if x[3]]), reader)
-            reader.close_pipes()
-            self._hand_over(reader.flush(), reader)
+            reader = self._readers.get(lane) or LaneReader(info.owner_pid, 0, None)
+            self._queued.add(reader.feed(self._segment.read(lane, 1 << 62, JOIN_GAP_NS)), reader)
+            if info.state != LaneState.CLOSED:  # died: its pump may not have emptied its pipes
+                self._queued.add(reader.feed(self._pipes.recover(lane, reader)), reader)
+            self._pipes.close(lane)
+            self._queued.add(reader.flush(), reader)
             final = self._ring.lane_info(lane)
-            for key in self.retired:
+            for key in COUNTERS:
                 self.retired[key] += getattr(final, key)
             self._segment.free(lane)
-            self._readers.pop(lane, None)
+            self._readers.drop(lane)
             self.lanes_reclaimed += 1
 
 

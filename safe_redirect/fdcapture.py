@@ -28,10 +28,9 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 
-from safe_redirect import _ring, fork_parking
-from safe_redirect._ring import Producer
+from safe_redirect import fork_parking
 from safe_redirect.procfs import append_if_regular_file
-from safe_redirect.ring import STREAM_FDS, STREAMS
+from safe_redirect.ring import STREAM_FDS, STREAMS, Producer, PumpEvent, pump
 
 __all__ = ["FdCapture", "PipeHandOver", "close_fds", "flush_python_streams"]
 
@@ -128,7 +127,7 @@ class FdCapture:
     `lane()` runs on the pump thread before each read: it returns the producer to append to (None:
     tee only) and how long the pump may wait for room in a full lane (0: spill what does not
     fit), and may set the thread's rank for what is about to be read. The copy to the terminal
-    and into the lane happens in C without the GIL (`_ring.pump`): a printing thread is not held
+    and into the lane happens in C without the GIL (`ring.pump`): a printing thread is not held
     up by the pump. While the lane is full the pump reads nothing (the writer waits on its pipe)
     and `on_full(producer)` waits as the overflow policy says; what a spilling pump read and the
     lane could not take goes to `on_rest(producer, stream, rest)`."""
@@ -328,7 +327,7 @@ class FdCapture:
         self.saved.clear()
 
     def _pump(self) -> None:
-        """The pump thread. `_ring.pump` does the work without the GIL and comes back here for
+        """The pump thread. `pump` (C) does the work without the GIL and comes back here for
         what needs Python: the rank before data that follows an idle spell, sync and stop
         requests, a pipe's end, a lane that stayed full."""
         if self._open_readers is None:
@@ -337,10 +336,10 @@ class FdCapture:
         event = 0
         while open_readers:
             event, r = self._pump_once(open_readers, drain_only=False,
-                                       fresh=event == _ring.PUMP_READY)
-            if event == _ring.PUMP_WAKE:
+                                       fresh=event == PumpEvent.READY)
+            if event == PumpEvent.WAKE:
                 os.read(self._wake_r, 64)
-            elif event == _ring.PUMP_EOF:  # every writer closed its end (fd 1 itself, say)
+            elif event == PumpEvent.EOF:  # every writer closed its end (fd 1 itself, say)
                 open_readers.discard(r)
                 fed = self._fed
                 if fed is not None:  # it reads this pipe too: not once the number is free
@@ -371,20 +370,20 @@ class FdCapture:
 
     def _drain_pipes(self, open_readers: set[int]) -> None:
         """Capture everything the pipes hold right now."""
-        while self._pump_once(open_readers, drain_only=True, fresh=True)[0] != _ring.PUMP_DRAINED:
+        while self._pump_once(open_readers, drain_only=True, fresh=True)[0] != PumpEvent.DRAINED:
             pass
 
     def _pump_once(self, open_readers: set[int], drain_only: bool,
                    fresh: bool) -> tuple[int, int]:
-        """One call of `_ring.pump`, the rank read just before (`fresh`: after it said READY)."""
+        """One call of `pump`, the rank read just before (`fresh`: after it said READY)."""
         producer, wait_room = self._lane() if self._capturing else (None, 0.0)
         pipes = [(r, self.saved.get(fd, -1), stream) for r, (stream, fd) in self.readers.items()
                  if r in open_readers]
-        event, r, rest = _ring.pump(pipes, self._wake_r, self._buffer, producer, wait_room,
-                                    _BATCH_PAUSE, _BUSY_READ, _RANK_REFRESH, drain_only, fresh)
-        if event == _ring.PUMP_FULL and producer is not None:
+        event, r, rest = pump(pipes, self._wake_r, self._buffer, producer, wait_room,
+                              _BATCH_PAUSE, _BUSY_READ, _RANK_REFRESH, drain_only, fresh)
+        if event == PumpEvent.FULL and producer is not None:
             self._on_full(producer)
-        elif event == _ring.PUMP_REST and rest is not None and producer is not None:
+        elif event == PumpEvent.REST and rest is not None and producer is not None:
             self._on_rest(producer, self.readers[r][0], rest)
         return event, r
 

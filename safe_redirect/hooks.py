@@ -2,7 +2,7 @@
 
 Hooks are set on the stream *objects* (as wandb and ipykernel do), not by replacing `sys.stdout`, so
 that a logging handler or anything else holding the stream object is captured too. Each hook calls
-the writer it replaced and then copies the data into its session's lane (`_ring.Hook`).
+the writer it replaced and then copies the data into its session's lane (`Hook`, of the C core).
 
 In fd mode one more hook sits at the bottom of each stream, on its `FileIO.write` (the raw file
 on fd 1 or 2): it writes to the saved terminal instead of the fd, which is a pipe then, so that
@@ -28,14 +28,14 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from safe_redirect import _ring, hosts
-from safe_redirect.ring import STREAM_FDS, STREAMS, Producer
+from safe_redirect import hosts
+from safe_redirect.ring import STREAM_FDS, STREAMS, Hook, HookKind, Producer
 from safe_redirect.stamp import fork_generation, on_fork_in_child
 
 __all__ = ["HookState", "StreamHooks", "reaim_in_child", "rearm"]
 
-OnFork = Callable[[_ring.Hook], object]
-OnFull = Callable[[_ring.Hook, int, bytes], object]
+OnFork = Callable[[Hook], object]
+OnFull = Callable[[Hook, int, bytes], object]
 
 _ABSENT = object()
 
@@ -67,7 +67,7 @@ class _Patch:
 
     owner: Any
     attribute: str
-    hook: _ring.Hook
+    hook: Hook
     previous: Any  # the value in the instance dict before us, or _ABSENT
     plain: Callable[..., Any]  # the stream class's own method, bound to the owner
     passthrough: bool = False  # its session ended but it could not be taken off the stream
@@ -174,10 +174,10 @@ def _rearming(flush: Callable[..., Any]) -> Callable[..., Any]:
 
 _TARGETS: tuple[tuple[str, str, int], ...] = (
     # (layer, attribute, kind): the text layer first, so its buffer is known to be inside it
-    ("text", "write", _ring.KIND_TEXT),
-    ("text", "flush", _ring.KIND_FLUSH),
-    ("buffer", "write", _ring.KIND_BYTES),
-    ("buffer", "flush", _ring.KIND_BUFFER_FLUSH),
+    ("text", "write", HookKind.TEXT),
+    ("text", "flush", HookKind.FLUSH),
+    ("buffer", "write", HookKind.BYTES),
+    ("buffer", "flush", HookKind.BUFFER_FLUSH),
 )
 
 
@@ -224,7 +224,7 @@ class StreamHooks:
             echo_thread = hosts.fd_echo_thread(stream)
             raw = _terminal_file(stream, STREAM_FDS[name]) if terminals else None
             if raw is not None:
-                self._patch(raw, "write", _ring.KIND_RAW, number, producer)
+                self._patch(raw, "write", HookKind.RAW, number, producer)
             first = len(self._patches)
             for layer, attribute, kind in _TARGETS:
                 owner = stream if layer == "text" else getattr(stream, "buffer", None)
@@ -235,10 +235,10 @@ class StreamHooks:
                     continue
                 # what the kernel echoes from fd 1 / 2 came from a child (or C code): not ours
                 patch.hook.host_thread = echo_thread
-                if kind == _ring.KIND_FLUSH and hosts.in_ipython():
+                if kind == HookKind.FLUSH and hosts.in_ipython():
                     patch.rearms = True
                     patch.aim(patch.hook.target)
-            if raw is not None and self._patches[first - 1].hook.kind == _ring.KIND_RAW:
+            if raw is not None and self._patches[first - 1].hook.kind == HookKind.RAW:
                 for patch in self._patches[first:]:  # their bytes reach the terminal through it
                     patch.hook.terminal = True
         self.state = HookState.INSTALLED
@@ -249,7 +249,7 @@ class StreamHooks:
         plain = _plain_method(owner, attribute)
         if current is None or plain is None:
             return None
-        hook = _ring.Hook(current, producer, stream, kind, self._on_fork, self._on_full)
+        hook = Hook(current, producer, stream, kind, self._on_fork, self._on_full)
         patch = _Patch(owner, attribute, hook, _instance_attr(owner, attribute), plain)
         try:
             patch.apply()

@@ -14,7 +14,7 @@ import sys
 from types import ModuleType
 from typing import Any
 
-from safe_redirect import _ring
+from safe_redirect import ring
 from safe_redirect.import_hooks import when_imported
 
 __all__ = ["detect_rank", "set_thread_rank", "watch_torch_xla"]
@@ -71,7 +71,7 @@ def _xla_ordinal(process: bool = False) -> int | None:
 
 def set_thread_rank(rank: int | None) -> None:
     """Tag what the calling thread writes with `rank` (None: with its process's rank)."""
-    _ring.set_thread_rank(-1 if rank is None else rank)
+    ring.set_thread_rank(-1 if rank is None else rank)
 
 
 _XLA_RUNTIME = "torch_xla.runtime"

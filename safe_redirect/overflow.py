@@ -18,9 +18,8 @@ import os
 import time
 from collections.abc import Callable
 
-from safe_redirect import _ring
 from safe_redirect.diagnostics import warn
-from safe_redirect.ring import Producer
+from safe_redirect.ring import REC_HEADER, Producer
 
 __all__ = ["Overflow"]
 
@@ -65,7 +64,7 @@ class Overflow:
             rest = b"" if written < 0 else rest[written:]  # < 0: the master uninstalled
             return not rest
 
-        if not self._wait_for_room(producer, len(rest) + _ring.REC_HEADER, appended):
+        if not self._wait_for_room(producer, len(rest) + REC_HEADER, appended):
             self._spill(producer, stream, rest)
 
     def pump_wait(self, producer: Producer) -> float:
@@ -79,7 +78,7 @@ class Overflow:
         def room_or_gone(room: bool) -> bool:
             return room or not producer.live  # not live: the master uninstalled
 
-        if not self._wait_for_room(producer, _ring.REC_HEADER + (1 << 12), room_or_gone):
+        if not self._wait_for_room(producer, REC_HEADER + (1 << 12), room_or_gone):
             self._stalled_progress = producer.progress
 
     def _wait_for_room(self, producer: Producer, need: int,

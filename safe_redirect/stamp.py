@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import psutil
 
-from safe_redirect import _ring
+from safe_redirect import ring
 from safe_redirect.diagnostics import warn
 
 __all__ = ["Stamp", "fork_generation", "on_fork_in_child", "process_name", "remove_fork_handler"]
@@ -34,7 +34,7 @@ __all__ = ["Stamp", "fork_generation", "on_fork_in_child", "process_name", "remo
 
 def fork_generation() -> int:
     """How many forks lie between this process and the one that loaded safe_redirect."""
-    return _ring.fork_generation()
+    return ring.fork_generation()
 
 
 def _start_time_us(pid: int) -> int:

@@ -19,23 +19,24 @@ import struct
 from collections.abc import Callable
 from typing import Any
 
-from safe_redirect import _ring, hooks, session, spawn
+from safe_redirect import hooks, session, spawn
+from safe_redirect import ring as c_core
 from safe_redirect.drain import Drain, Record
 from safe_redirect.fdcapture import FdCapture
 from safe_redirect.ring import LaneInfo, Ring
 from safe_redirect.session import Session
 
-# -- what the C core defines and ring.py does not name (yet)
+# -- what the C core defines (named by ring.py, its Python face)
 
 #: record flags, as stored in a lane and returned by Segment.read()
-FLAG_FLUSH: int = _ring.FLAG_FLUSH
-FLAG_GAP: int = _ring.FLAG_GAP
+FLAG_FLUSH: int = int(c_core.RecordFlag.FLUSH)
+FLAG_GAP: int = int(c_core.RecordFlag.GAP)
 #: bytes of a record's header in a lane
-REC_HEADER: int = _ring.REC_HEADER
+REC_HEADER: int = c_core.REC_HEADER
 #: what install() accepts at most / at least
-MAX_LANES: int = _ring.MAX_LANES
-MIN_LANE_BYTES: int = _ring.MIN_LANE_BYTES
-MAX_LANE_BYTES: int = _ring.MAX_LANE_BYTES
+MAX_LANES: int = c_core.MAX_LANES
+MIN_LANE_BYTES: int = c_core.MIN_LANE_BYTES
+MAX_LANE_BYTES: int = c_core.MAX_LANE_BYTES
 
 # the byte layout documented at the top of _ring.c
 _SEGMENT_SLEEPING, _SEGMENT_BELL = 64, 68  # u32: the drain sleeps on the bell; the bell
@@ -46,7 +47,7 @@ _RECORD_HEADER = struct.Struct("=IBBHiIQ")  # len, stream, flags, thread, rank, 
 def stop_inside_next_record(stage: int) -> None:
     """Test hook of the C core: this process stops itself (SIGSTOP) inside the copy of its next
     record: after the header (1), half the payload (2), or all of it before the publish (3)."""
-    _ring._stop_inside_next_record(stage)
+    c_core.stop_inside_next_record(stage)
 
 
 # -- sessions and hooks of this process
@@ -80,7 +81,7 @@ def drain_fd_pump(s: Session) -> None:
 
 def is_hook(writer: object) -> bool:
     """Whether `writer` (say `vars(sys.stdout).get("write")`) is our C write hook."""
-    return isinstance(writer, _ring.Hook)
+    return isinstance(writer, c_core.Hook)
 
 
 def hook_feeds_a_lane(hook: Any) -> bool:
@@ -131,7 +132,7 @@ def lane_bytes_at(s: Session, lane: int, position: int, n: int) -> bytes:
     """`n` bytes of a lane's data ring from ring position `position` on (positions wrap)."""
     ring = ring_of(s)
     cap = ring.segment.lane_bytes
-    data = _lane_header(ring, lane) + _ring.LANE_HEADER
+    data = _lane_header(ring, lane) + c_core.LANE_HEADER
     out = bytearray()
     while len(out) < n:
         at = (position + len(out)) % cap
@@ -143,7 +144,7 @@ def lane_bytes_at(s: Session, lane: int, position: int, n: int) -> bytes:
 def record_header_at(s: Session, lane: int, position: int) -> tuple[int, int, int]:
     """(payload length, stream, time_ns) of the record header at ring position `position`."""
     length, stream, _flags, _thread, _rank, _zero, time_ns = _RECORD_HEADER.unpack(
-        lane_bytes_at(s, lane, position, _ring.REC_HEADER))
+        lane_bytes_at(s, lane, position, c_core.REC_HEADER))
     return length, stream, time_ns
 
 
@@ -169,7 +170,7 @@ def reap_only_on_flush(s: Session) -> None:
 
 def queue_for_pass(drain: Drain, records: list[Record], lane: object) -> None:
     """Queue records read from one lane (`lane`: any key for it) for the drain's current pass."""
-    drain._hand_over(records, lane)
+    drain._queued.add(records, lane)
 
 
 def end_pass(drain: Drain, horizon: int | None) -> bool:
@@ -212,7 +213,7 @@ def _u32(ring: Ring, offset: int) -> int:
 
 
 def _lane_header(ring: Ring, lane: int) -> int:
-    return int(_ring.SEG_HEADER + lane * (_ring.LANE_HEADER + ring.segment.lane_bytes))
+    return int(c_core.SEG_HEADER + lane * (c_core.LANE_HEADER + ring.segment.lane_bytes))
 
 
 def _base_address(ring: Ring) -> int:

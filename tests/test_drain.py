@@ -5,15 +5,9 @@ from __future__ import annotations
 import time
 from dataclasses import replace
 
-from safe_redirect.drain import (
-    JOIN_GAP_NS,
-    MAX_PARTIAL_CHARS,
-    Drain,
-    Interleaver,
-    LaneReader,
-    Record,
-    render_tag,
-)
+from safe_redirect.drain import Drain
+from safe_redirect.lanereader import JOIN_GAP_NS, MAX_PARTIAL_CHARS, LaneReader
+from safe_redirect.record import Interleaver, Record, render_tag
 from safe_redirect.ring import Ring
 from safe_redirect.stamp import Stamp
 

@@ -14,7 +14,7 @@ import random
 from collections import defaultdict
 from dataclasses import dataclass
 
-from safe_redirect.drain import LaneReader
+from safe_redirect.lanereader import LaneReader
 from safe_redirect.ring import Ring
 from safe_redirect.stamp import Stamp
 
