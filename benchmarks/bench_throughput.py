@@ -32,9 +32,8 @@ import harness
 from harness import BenchError, Children, Gate, check_count, log, rotated, summarize
 
 import safe_redirect
-from safe_redirect._ring import REC_HEADER
-from safe_redirect.drain import Record
-from safe_redirect.ring import Producer, Ring, Segment
+from safe_redirect.record import Record
+from safe_redirect.ring import REC_HEADER, Producer, Ring, Segment
 from safe_redirect.stamp import Stamp
 
 LINE_TEXT = "y" * 99 + "\n"  # 100 bytes

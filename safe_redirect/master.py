@@ -19,7 +19,7 @@ from safe_redirect.diagnostics import warn
 from safe_redirect.drain import Drain
 from safe_redirect.fdcapture import PipeHandOver
 from safe_redirect.record import Record
-from safe_redirect.ring import Ring, sweep_orphaned_segments
+from safe_redirect.ring import COUNTERS, Ring, sweep_orphaned_segments
 from safe_redirect.spawn import AttachInfo, ensure_pth, export, unexport
 from safe_redirect.stamp import Stamp
 
@@ -29,9 +29,6 @@ OnOutput = Callable[[Record], object]
 #: called after each drain pass that may have delivered records: its records can be handed on as
 #: one batch; `final` (a flush) when partial lines were delivered too
 OnPassEnd = Callable[[bool], object]
-
-#: counters kept in each lane's header, summed over the lanes (and the freed ones)
-LANE_COUNTERS = ("records", "bytes", "spilled_records", "spilled_bytes", "stalls")
 
 
 @dataclass(frozen=True)
@@ -56,7 +53,7 @@ class Stats:
 def count(ring: Ring, drain: Drain | None, callback_errors: int = 0) -> Stats:
     """The counters of a segment's lanes now (and, with the drain, of the lanes it freed)."""
     seg = ring.segment
-    totals = dict.fromkeys(LANE_COUNTERS, 0)
+    totals = dict.fromkeys(COUNTERS, 0)
     busy = seg.busy_lanes()
     for lane in busy:
         info = ring.lane_info(lane)

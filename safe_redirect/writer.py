@@ -17,7 +17,6 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 
-from safe_redirect import _ring
 from safe_redirect.diagnostics import warn
 from safe_redirect.exits import run_before_os_exit
 from safe_redirect.fdcapture import FdCapture, PipeHandOver, flush_python_streams
@@ -25,7 +24,7 @@ from safe_redirect.hooks import StreamHooks, reaim_in_child
 from safe_redirect.launchers import detect_rank, set_thread_rank
 from safe_redirect.overflow import Overflow
 from safe_redirect.procfs import reopen_terminal
-from safe_redirect.ring import Producer, Ring
+from safe_redirect.ring import Hook, Producer, Ring
 from safe_redirect.stamp import Stamp, fork_generation, process_name
 
 __all__ = ["LaneWriter"]
@@ -158,7 +157,7 @@ class LaneWriter:
             self._generation = generation
             self._attaching.pop(generation, None)
 
-    def _on_fork(self, hook: _ring.Hook) -> None:
+    def _on_fork(self, hook: Hook) -> None:
         """Called by a hook at the first captured write of a new process."""
         self.become_child()
         producer = self.producer
@@ -267,7 +266,7 @@ class LaneWriter:
             return None, 0.0
         return producer, self.overflow.pump_wait(producer)
 
-    def _on_full(self, hook: _ring.Hook, stream: int, rest: bytes) -> None:
+    def _on_full(self, hook: Hook, stream: int, rest: bytes) -> None:
         if hook.producer is not None:
             self.overflow.append_rest(hook.producer, stream, rest)
 
