@@ -3,7 +3,7 @@
 A segment is a file in /dev/shm (a RAM file system; the temporary directory where there is none)
 mapped with `mmap`. Forked children inherit the mapping; a spawned process attaches by name. The
 creator is the only one who unlinks it: `close()` drops this process's mapping, `unlink()` removes
-the name. The byte layout is documented at the top of `_ring.c`.
+the name. The byte layout is documented at the top of `_ring/layout.h`.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ STREAMS = ("stdout", "stderr")
 STREAM_FDS = {"stdout": 1, "stderr": 2}
 
 _PREFIX = "safe_redirect-"
-# The head of the segment header (see _ring.c): magic, version, nlanes, lane_bytes, master stamp.
+# The head of the segment header (_ring/layout.h): magic, version, nlanes, lane_bytes, master stamp.
 _HEADER = struct.Struct("=QIIQQQ")
 
 

@@ -1,8 +1,7 @@
-/* hook.c - Hook: the callable that stands in for a stream's `write` (text or bytes) or `flush`.
- * It calls the writer it replaced, then copies what was written into its producer's lane; in fd
- * mode the FileIO write at the bottom of a stream writes to the saved terminal (KIND_RAW). This
- * is the path every print takes: everything that is not the common case (a fork since the
- * producer was made, a full lane) is handed to Python.
+/* hook.c - Hook, the capturing writer: the path every captured print takes, from the stream's
+ * `write` through the writer it replaced into the lane (producer.c's append, inline), and in fd
+ * mode the write to the saved terminal at the bottom of a stream (KIND_RAW). The per-thread state
+ * that only hooks read (text_depth, raw_writes) lives here too.
  */
 #include "internal.h"
 

@@ -135,11 +135,15 @@ static inline int producer_live(ProducerObject *p) {
 }
 
 /* Returns bytes published, or -1 when the producer is detached. In fd mode the caller holds
- * the lock. producer_append writes as the calling thread, producer_append_as as `slot`. */
+ * the lock. Written by thread `slot` of rank `rank`. */
 int64_t producer_append_as(ProducerObject *p, unsigned stream, unsigned flags, const char *buf,
                            uint64_t len, uint16_t slot, int32_t rank);
-int64_t producer_append(ProducerObject *p, unsigned stream, unsigned flags, const char *buf,
-                        uint64_t len);
+
+/* The same, written by the calling thread (inline: every hooked write comes this way). */
+static inline int64_t producer_append(ProducerObject *p, unsigned stream, unsigned flags,
+                                      const char *buf, uint64_t len) {
+    return producer_append_as(p, stream, flags, buf, len, current_thread_slot(), thread_rank);
+}
 
 /* Without the GIL: sleep until the consumer frees `need` bytes of room in this lane, or `timeout`
  * seconds pass. Returns 1 when the room is there. */

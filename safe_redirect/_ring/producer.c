@@ -181,12 +181,6 @@ int64_t producer_append_as(ProducerObject *p, unsigned stream, unsigned flags, c
     return n + (int64_t)skipped;
 }
 
-/* The same, written by the calling thread. */
-int64_t producer_append(ProducerObject *p, unsigned stream, unsigned flags, const char *buf,
-                        uint64_t len) {
-    return producer_append_as(p, stream, flags, buf, len, current_thread_slot(), thread_rank);
-}
-
 static PyObject *Producer_append(ProducerObject *self, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 3) {
         PyErr_SetString(PyExc_TypeError, "append(stream, flags, data) takes 3 arguments");
