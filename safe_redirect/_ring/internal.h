@@ -61,7 +61,7 @@ static inline uint16_t current_thread_slot(void) {
     return thread_slot;
 }
 
-/* fd pumps of this process inside an append without the GIL (see ring_pump): Producer.close()
+/* fd pumps of this process inside an append without the GIL (pump.c, feed.c): Producer.close()
  * and Segment.release() wait until there is none. Per process, not per segment, so that the
  * fork handler can zero it: a child has no pump thread, whatever the count said at the fork. */
 extern _Atomic int pumps_appending;
