@@ -3,7 +3,7 @@
 This catches what never passes through `sys.stdout`: `os.write(1, ...)`, `os.system`, C and C++
 libraries. What does pass through it is captured by the hooks, with its thread, and written to
 the saved terminal, not into the pipe (`hooks.py`, KIND_RAW): the lane then has two writers, the
-pump and the hooks, whose order `_ring.c` keeps ("fd mode's two paths").
+pump and the hooks, whose order `_ring_src/feed.c` keeps ("fd mode's two paths").
 
 Each capturing process (the master, and every forked child) has pipes of its own: the pump
 stores what arrives in the process's lane and copies it to the saved original fd (the terminal
@@ -163,7 +163,8 @@ class FdCapture:
 
     def feed(self, producer: Producer | None) -> None:
         """Tell `producer` (this process's lane) our pipes and the saved terminals: from now on
-        Python-level writes go to the terminals and the pipes carry the rest (see `_ring.c`)."""
+        Python-level writes go to the terminals and the pipes carry the rest
+        (`_ring_src/feed.c`)."""
         if producer is not None:
             producer.feed(self.read_ends(), self.saved_fds())
         self._fed = producer

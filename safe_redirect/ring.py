@@ -10,7 +10,7 @@ yields (left a plain tuple: it is made once per record; `LaneReader.feed` unpack
 A segment is a file in /dev/shm (a RAM file system; the temporary directory where there is none)
 mapped with `mmap`. Forked children inherit the mapping; a spawned process attaches by name. The
 creator is the only one who unlinks it: `close()` drops this process's mapping, `unlink()` removes
-the name. The byte layout is documented at the top of `_ring.c`.
+the name. The byte layout is documented at the top of `_ring_src/layout.h`.
 """
 
 from __future__ import annotations
@@ -126,7 +126,8 @@ def stop_inside_next_record(stage: int) -> None:
 
 
 _PREFIX = "safe_redirect-"
-# The head of the segment header (see _ring.c): magic, version, nlanes, lane_bytes, master stamp.
+# The head of the segment header (_ring_src/layout.h): magic, version, nlanes, lane_bytes,
+# master stamp.
 _HEADER = struct.Struct("=QIIQQQ")
 
 

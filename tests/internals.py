@@ -38,7 +38,7 @@ MAX_LANES: int = c_core.MAX_LANES
 MIN_LANE_BYTES: int = c_core.MIN_LANE_BYTES
 MAX_LANE_BYTES: int = c_core.MAX_LANE_BYTES
 
-# the byte layout documented at the top of _ring.c
+# the byte layout documented at the top of _ring_src/layout.h
 _SEGMENT_SLEEPING, _SEGMENT_BELL = 64, 68  # u32: the drain sleeps on the bell; the bell
 _LANE_SPACE_WAITING = 136  # u32 of a lane's header: its producer sleeps for room
 _RECORD_HEADER = struct.Struct("=IBBHiIQ")  # len, stream, flags, thread, rank, zero, time_ns
@@ -179,7 +179,7 @@ def end_pass(drain: Drain, horizon: int | None) -> bool:
     return drain._deliver_in_order(horizon)
 
 
-# -- wake-ups: the flags and futex words of the segment's header (layout: _ring.c)
+# -- wake-ups: the flags and futex words of the segment's header (layout: _ring_src/layout.h)
 
 def drain_waits_on_doorbell(ring: Ring) -> bool:
     """A consumer sleeps in Segment.wait() and a producer's next publish rings the bell."""
