@@ -17,6 +17,8 @@
  *                            keeps waiting while this moves (the master is reading, if not it)
  *     64  u32 sleeping       1 while the drain thread sleeps on `bell`
  *     68  u32 bell           futex word, bumped to wake the drain thread
+ *     72  u64 reader_pid     a job's segment (job.py, written from Python): the member that
+ *     80  u64 reader_start   reads now and its start time; 0 when none. Unused by the C core.
  *   then nlanes lanes, each LANE_HEADER + lane_bytes:
  *     lane header, three cache lines so that producer and consumer never share one
  *      +0   u64 owner_pid    0 = free; a producer claims the lane by compare-and-swap 0 -> pid
