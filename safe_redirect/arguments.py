@@ -16,7 +16,7 @@ from collections.abc import Iterable
 
 from safe_redirect.ring import MAX_LANE_BYTES, MAX_LANES, MIN_LANE_BYTES, STREAMS
 
-__all__ = ["MODES", "OVERFLOW_POLICIES", "TAG_FIELDS", "check_install_arguments"]
+__all__ = ["MODES", "OVERFLOW_POLICIES", "TAG_FIELDS", "check_install_arguments", "check_streams"]
 
 #: "wrap": hook sys.stdout / sys.stderr and their buffers (Python-level writes).
 #: "fd": the same hooks, and pipes on fds 1 and 2 for what bypasses them (os.write, os.system,
@@ -39,7 +39,7 @@ def check_install_arguments(on_output: object, mode: object, streams: object, ta
         raise TypeError(f"on_output must be a callable taking a Record, or None, not "
                         f"{_shown(on_output)}")
     _check_choice("mode", mode, MODES)
-    names = _check_streams(streams)
+    names = check_streams(streams)
     _check_tag(tag)
     if not 1 <= _int("lanes", lanes) <= MAX_LANES:
         raise ValueError(f"lanes must be from 1 to {MAX_LANES}, not {lanes}")
@@ -64,7 +64,7 @@ def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
         raise ValueError(f"{name} must be one of {choices}, not {value!r}")
 
 
-def _check_streams(streams: object) -> tuple[str, ...]:
+def check_streams(streams: object) -> tuple[str, ...]:
     if isinstance(streams, (str, bytes)):  # iterating "stdout" would give its letters
         raise TypeError(f"streams must be a sequence of stream names from {STREAMS}, not "
                         f"{_shown(streams)}: write streams=({streams!r},)")

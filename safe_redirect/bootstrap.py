@@ -56,12 +56,33 @@ def process_startup() -> object | None:
         return _attached
     raw = os.environ.get(ENV_VAR)
     if not raw:
-        return None
+        return _join_job() if not is_forkserver() else None
     if is_forkserver():
         _leave_the_masters_pipes(raw)
         _import_for_children()
         return None
     return _attach(raw)
+
+
+def _join_job() -> Session | None:
+    """One rank of a launcher's job (RANK and WORLD_SIZE set) under SAFE_REDIRECT_PATCH, or a
+    process a member started (SAFE_REDIRECT_JOB set): a member of the job's segment, so that
+    the rank that opens the run receives its lines (`job.py`)."""
+    global _attached
+    from safe_redirect.spawn import JOB_VAR, PATCH_VAR
+
+    env = os.environ
+    if not env.get(JOB_VAR) and not (env.get(PATCH_VAR) and env.get("RANK")
+                                     and env.get("WORLD_SIZE")):
+        return None
+    try:
+        from safe_redirect.session import join_job
+
+        _attached = join_job()
+    except Exception as exc:
+        warn(f"safe_redirect: could not join the job's capture: {exc!r}")
+        return None
+    return _attached
 
 
 def adopt(raw: str | None) -> None:

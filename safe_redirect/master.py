@@ -68,15 +68,17 @@ def count(ring: Ring, drain: Drain | None, callback_errors: int = 0) -> Stats:
 
 
 class Master:
-    """The segment, its reader and the user's callbacks, in the installing process."""
+    """The segment, its reader and the user's callbacks, in the installing process.
 
-    def __init__(self, owner: Stamp, rank: int | None, lanes: int, lane_bytes: int,
-                 on_output: OnOutput | None, on_pass_end: OnPassEnd | None) -> None:
-        sweep_orphaned_segments()
-        self.ring = Ring.create(owner, lanes, lane_bytes)
+    It reads a segment of its own (`create`), or a job's (`job.py`) that it did not make and
+    does not end: its siblings go on writing there after it is gone (`owns_ring` False)."""
+
+    def __init__(self, ring: Ring, owner: Stamp, rank: int | None, on_output: OnOutput | None,
+                 on_pass_end: OnPassEnd | None, owns_ring: bool = True) -> None:
+        self.ring = ring
         self.owner = owner
-        self.lane = self.ring.segment.claim(owner.pid, owner.start_us,
-                                            -1 if rank is None else rank)
+        self.owns_ring = owns_ring
+        self.lane = ring.segment.claim(owner.pid, owner.start_us, -1 if rank is None else rank)
         self._on_output = on_output
         self._on_pass_end = on_pass_end
         self.callback_errors = 0
@@ -88,12 +90,20 @@ class Master:
         # must not see the segment released under them; a child never takes it
         self.lock = threading.RLock()
 
+    @classmethod
+    def create(cls, owner: Stamp, rank: int | None, lanes: int, lane_bytes: int,
+               on_output: OnOutput | None, on_pass_end: OnPassEnd | None) -> Master:
+        """A master with a segment of its own (and the orphans of killed masters removed)."""
+        sweep_orphaned_segments()
+        return cls(Ring.create(owner, lanes, lane_bytes), owner, rank, on_output, on_pass_end)
+
     def start_drain(self, tag: str, fd_mode: bool, tee: Callable[[int, bytes], None],
                     on_new_thread: Callable[[int], None]) -> int:
         """The drain thread starts reading; its ident (our hooks must not capture it).
         `tee`: what the drain recovers from a dead child's pipe, for the terminal;
         `on_new_thread`: the ident of a drain thread started again after a fork."""
-        self.drain = Drain(self.ring, self._deliver, tag, self.lane, tee, self._pass_end)
+        own_lane = self.lane if self.owns_ring else -1  # a job's ranks are all tagged
+        self.drain = Drain(self.ring, self._deliver, tag, own_lane, tee, self._pass_end)
         self.drain.on_restart = on_new_thread
         ident = self.drain.start()
         if fd_mode:
@@ -170,7 +180,8 @@ class Master:
         """Children still writing detach at their next write, *then* the final drain: whatever a
         child published before that is delivered; nothing is left unread in a lane. Whether all
         was delivered in time."""
-        self.ring.segment.mark_closed()
+        if self.owns_ring:
+            self.ring.segment.mark_closed()
         assert self.drain is not None
         return self.drain.stop(timeout)
 

@@ -36,11 +36,13 @@ class Overflow:
     """
 
     def __init__(self, policy: str, stall_timeout: float, reader_alive: Callable[[], bool],
-                 reader_gone: Callable[[], None]) -> None:
+                 reader_gone: Callable[[], None], reader_optional: bool = False) -> None:
         self.policy = policy
         self.stall_timeout = stall_timeout
         self._reader_alive = reader_alive
         self._reader_gone = reader_gone
+        # a job's lane (job.py): a reader comes and goes; while there is none, spill at once
+        self._reader_optional = reader_optional
         self._stalled_progress: int | None = None  # reader progress when we last spilled (stall)
         self._spill_reported = False
 
@@ -49,7 +51,8 @@ class Overflow:
         self._stalled_progress = None
 
     def _spills_at_once(self, producer: Producer) -> bool:
-        return self.policy == "spill" or self._stalled_progress == producer.progress
+        return (self.policy == "spill" or self._stalled_progress == producer.progress
+                or (self._reader_optional and not self._reader_alive()))
 
     def append_rest(self, producer: Producer, stream: int, rest: bytes) -> None:
         """What did not fit: wait for room as the policy says, else spill it."""
@@ -104,7 +107,8 @@ class Overflow:
             if now >= next_check:
                 next_check = now + 0.1
                 if not self._reader_alive():
-                    self._reader_gone()
+                    if not self._reader_optional:
+                        self._reader_gone()
                     return False
 
     def _spill(self, producer: Producer, stream: int, rest: bytes) -> None:

@@ -21,7 +21,7 @@ import mmap
 import os
 import struct
 import tempfile
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple, TypeVar
 
 from safe_redirect import _ring
 from safe_redirect._ring import Hook, Producer, Segment, fork_generation, pump, set_thread_rank
@@ -33,7 +33,7 @@ __all__ = [
     "COUNTERS", "LANE_HEADER", "MAX_LANES", "MAX_LANE_BYTES", "MIN_LANE_BYTES", "REC_HEADER",
     "SEG_HEADER", "STREAMS", "STREAM_FDS", "Hook", "HookKind", "LaneInfo", "LaneRecord",
     "LaneState", "Producer", "PumpEvent", "RecordFlag", "Ring", "Segment", "fork_generation",
-    "pump", "set_thread_rank", "stop_inside_next_record", "sweep_orphaned_segments",
+    "pump", "set_thread_rank", "shm_dir", "stop_inside_next_record", "sweep_orphaned_segments",
 ]
 
 # Stream numbers as stored in each record.
@@ -131,7 +131,11 @@ _PREFIX = "safe_redirect-"
 _HEADER = struct.Struct("=QIIQQQ")
 
 
-def _shm_dir() -> str:
+_R = TypeVar("_R", bound="Ring")
+
+
+def shm_dir() -> str:
+    """Where segments live: /dev/shm (a RAM file system), else the temporary directory."""
     return "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
 
 
@@ -155,7 +159,7 @@ class Ring:
         size = _ring.segment_size(nlanes, lane_bytes)
         # os.urandom, not secrets.token_hex (the same bytes): `import secrets` loads OpenSSL,
         # 3.8 MiB of every master's and attached child's memory
-        path = os.path.join(_shm_dir(), f"{_PREFIX}{owner.pid}-{os.urandom(4).hex()}")
+        path = os.path.join(shm_dir(), f"{_PREFIX}{owner.pid}-{os.urandom(4).hex()}")
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             os.ftruncate(fd, size)
@@ -169,9 +173,9 @@ class Ring:
         return cls(path, mapping, Segment(mapping), creator=True)
 
     @classmethod
-    def attach(cls, name: str) -> Ring:
+    def attach(cls: type[_R], name: str) -> _R:
         """Map an existing segment by name (a spawned process joining its master)."""
-        path = os.path.join(_shm_dir(), os.path.basename(name))
+        path = os.path.join(shm_dir(), os.path.basename(name))
         fd = os.open(path, os.O_RDWR)
         try:
             mapping = mmap.mmap(fd, os.fstat(fd).st_size)
@@ -231,7 +235,7 @@ def sweep_orphaned_segments() -> list[str]:
     from safe_redirect.stamp import Stamp  # as in Ring.master
 
     removed: list[str] = []
-    directory = _shm_dir()
+    directory = shm_dir()
     try:
         names = [n for n in os.listdir(directory) if n.startswith(_PREFIX)]
     except OSError:

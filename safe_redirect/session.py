@@ -17,23 +17,30 @@ from __future__ import annotations
 
 import atexit
 import enum
+import os
 import time
 from collections.abc import Iterable
 
-from safe_redirect.arguments import MODES, OVERFLOW_POLICIES, check_install_arguments
+from safe_redirect.arguments import (
+    MODES,
+    OVERFLOW_POLICIES,
+    check_install_arguments,
+    check_streams,
+)
 from safe_redirect.diagnostics import warn
 from safe_redirect.exits import forget_before_os_exit, run_at_multiprocessing_child_exit
 from safe_redirect.hooks import HookState
 from safe_redirect.hosts import uncaptured_in_kernel
+from safe_redirect.job import JOB_VAR, JobRing, job_key, job_name, sweep_abandoned_jobs
 from safe_redirect.launchers import detect_rank, watch_torch_xla
 from safe_redirect.master import Master, OnOutput, OnPassEnd, Stats, count
 from safe_redirect.ring import Ring
-from safe_redirect.spawn import AttachInfo
+from safe_redirect.spawn import AttachInfo, ensure_pth
 from safe_redirect.stamp import Stamp, on_fork_in_child, remove_fork_handler
 from safe_redirect.writer import LaneWriter
 
 __all__ = ["MODES", "OVERFLOW_POLICIES", "OnOutput", "OnPassEnd", "Session", "Stats",
-           "install", "stats"]
+           "install", "join_job", "stats"]
 
 
 class State(enum.Enum):
@@ -81,10 +88,20 @@ class Session:
         self._exit_timeout = exit_timeout
         watch_torch_xla()
         self._owner = Stamp.current()
-        master = self._master = Master(self._owner, detect_rank(), lanes, lane_bytes, on_output,
-                                       on_pass_end)
+        rank = detect_rank()
+        # a rank of a job (job.py): read the job's segment if no other rank does, else capture
+        # into a segment of our own; either way the rank's membership writes nothing meanwhile
+        self._member = _job_member()
+        job_ring = self._member.read_job(self._owner) if self._member is not None else None
+        if job_ring is not None:
+            master = Master(job_ring, self._owner, rank, on_output, on_pass_end, owns_ring=False)
+        else:
+            master = Master.create(self._owner, rank, lanes, lane_bytes, on_output, on_pass_end)
+        self._master = master
         writer = self._writer = LaneWriter(master.ring, mode, streams, overflow, stall_timeout,
                                            self._reader_alive)
+        if self._member is not None:
+            self._member._writer.mute()
         try:
             drain_ident = master.start_drain(tag, mode == "fd", writer.tee,
                                              writer.hooks.skip_thread)
@@ -93,13 +110,18 @@ class Session:
             self._watch_multiprocessing_children()
         except BaseException:
             writer.abandon()
+            if isinstance(master.ring, JobRing):
+                master.ring.release_reader(self._owner)
             master.abandon()
+            if self._member is not None:
+                self._member._writer.unmute()
             raise
         self._uninstalled = False
         self.attach_info = AttachInfo(master.ring.name, self._owner.pid, self._owner.start_us,
                                       mode, writer.hooks.streams, overflow, stall_timeout,
                                       writer.terminal_fds())
-        master.export(self.attach_info)
+        if master.owns_ring:  # a job's processes join it through JOB_VAR instead
+            master.export(self.attach_info)
         self._register()
         note = uncaptured_in_kernel(mode, writer.hooks.streams,
                                     writer.hooks.state is HookState.INSTALLED)
@@ -118,6 +140,7 @@ class Session:
         self = cls.__new__(cls)
         self._uninstalled = True
         self._exit_timeout = 0.0
+        self._member = None
         watch_torch_xla()
         ring = Ring.attach(info.segment)
         self._owner = Stamp(info.master_pid, info.master_start_us)
@@ -129,10 +152,43 @@ class Session:
         self._writer = LaneWriter(ring, info.mode, info.streams, info.overflow,
                                   info.stall_timeout, self._reader_alive)
         self._uninstalled = False
-        self._writer.start_in_spawned_child(info.master_pid, info.terminal_fds)
+        self._writer.start_attached(info.master_pid, info.terminal_fds)
         self._watch_multiprocessing_children()  # a forkserver forks from here
         self._register()
         return self
+
+    @classmethod
+    def join(cls, ring: JobRing, streams: Iterable[str] = ("stdout", "stderr")) -> Session:
+        """The membership of a job's rank (`join_job`): it writes into the job's segment from
+        its first write on (wrap mode), and spills at once while no rank reads."""
+        self = cls.__new__(cls)
+        self._uninstalled = True
+        self._exit_timeout = 0.0
+        self._member = None
+        watch_torch_xla()
+        self._owner = Stamp.current()
+        self._master = None
+        self.attach_info = AttachInfo(ring.name, 0, 0, "wrap", tuple(streams), "block", 2.0)
+        self._writer = LaneWriter(ring, "wrap", streams, "block", 2.0, self._reader_alive,
+                                  reader_optional=True)
+        self._uninstalled = False
+        self._writer.start_attached()
+        self._watch_multiprocessing_children()
+        self._register()
+        return self
+
+    def read_job(self, me: Stamp) -> JobRing | None:
+        """A job membership: the job's segment mapped anew for `me` to read, or None if another
+        rank reads it."""
+        ring = self._writer.ring
+        if self._uninstalled or not isinstance(ring, JobRing):
+            return None
+        mine = JobRing.join(ring.name)
+        if mine.claim_reader(me):
+            return mine
+        mine.close()
+        mine.unlink()
+        return None
 
     def _register(self) -> None:
         on_fork_in_child(self._after_fork)
@@ -195,7 +251,13 @@ class Session:
             master.sync(timeout, child_pipes=True)  # what live children's pumps have not read
         delivered = master.close(timeout)
         self._final_stats = master.stats()
+        if isinstance(master.ring, JobRing):  # the job goes on: a later reader frees our lane
+            if writer.producer is not None:
+                writer.producer.close()
+            master.ring.release_reader(self._owner)
         self._finish()
+        if self._member is not None:
+            self._member._writer.unmute()
         if not delivered:
             warn(f"safe_redirect: final delivery timed out after {timeout} s")
 
@@ -259,7 +321,10 @@ class Session:
         """Whether the master still reads: asked by a writer whose lane is full."""
         if self._master is not None and not self._writer.in_child:
             return self._master.reading
-        return not self._writer.ring.unlink_if_orphaned()
+        ring = self._writer.ring
+        if isinstance(ring, JobRing):
+            return ring.reader_alive()
+        return not ring.unlink_if_orphaned()
 
     def _watch_multiprocessing_children(self) -> None:
         """Each multiprocessing child started from here: its lane takes the name (and torch spawn
@@ -295,6 +360,41 @@ def install(on_output: OnOutput | None = None, *, mode: str = "wrap",
     return Session(on_output, mode=mode, streams=streams, tag=tag, lanes=lanes,
                    lane_bytes=lane_bytes, overflow=overflow, stall_timeout=stall_timeout,
                    exit_timeout=exit_timeout, on_pass_end=on_pass_end)
+
+
+def _job_member() -> Session | None:
+    """This process's membership of a job (`join_job`), if it has one."""
+    for session in reversed(_sessions):
+        if (not session._uninstalled and session._master is None
+                and isinstance(session._writer.ring, JobRing)):
+            return session
+    return None
+
+
+def join_job(streams: Iterable[str] = ("stdout", "stderr")) -> Session | None:
+    """Make this process a member of its job's segment on this node: every rank calls it (the
+    `.pth` does where SAFE_REDIRECT_PATCH is set under a launcher), and the rank that then
+    calls `install()` (a patched wandb run on rank 0) receives every rank's lines, tagged.
+
+    The job is named by the launcher's environment (`job.job_key`): None when this process is
+    not one rank of several. The processes this one starts join the same job."""
+    streams = check_streams(streams)
+    member = _job_member()
+    name = os.environ.get(JOB_VAR)
+    if not name:
+        key = job_key(os.environ)
+        if key is None:
+            return None
+        name = job_name(key)
+    if member is not None and member._writer.ring.name == name:
+        return member
+    local_ranks = os.environ.get("LOCAL_WORLD_SIZE", "").strip()
+    lanes = max(64, 16 * int(local_ranks)) if local_ranks.isdigit() else 64
+    sweep_abandoned_jobs()
+    ring = JobRing.join(name, lanes)
+    os.environ[JOB_VAR] = name  # what this rank starts joins too
+    ensure_pth()
+    return Session.join(ring, streams)
 
 
 def stats() -> Stats:

@@ -26,14 +26,17 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 __all__ = [
-    "ENV_VAR", "HAND_OVER_KEY", "PATCH_VAR", "PTH_LINE", "PTH_NAME", "AttachInfo", "ensure_pth",
-    "export", "forkserver_pid", "hand_over_to_forkserver_children", "is_forkserver", "unexport",
+    "ENV_VAR", "HAND_OVER_KEY", "JOB_VAR", "PATCH_VAR", "PTH_LINE", "PTH_NAME", "AttachInfo",
+    "ensure_pth", "export", "forkserver_pid", "hand_over_to_forkserver_children", "is_forkserver",
+    "unexport",
 ]
 
 ENV_VAR = "SAFE_REDIRECT_ATTACH"
 PATCH_VAR = "SAFE_REDIRECT_PATCH"  # "wandb": patch wandb in every process, no code change
 PTH_NAME = "safe_redirect.pth"
-PTH_LINE = (f"import os; ({ENV_VAR!r} in os.environ or {PATCH_VAR!r} in os.environ) and "
+JOB_VAR = "SAFE_REDIRECT_JOB"  # a job's segment on this node (job.py)
+PTH_LINE = (f"import os; ({ENV_VAR!r} in os.environ or {PATCH_VAR!r} in os.environ or "
+            f"{JOB_VAR!r} in os.environ) and "
             "__import__('safe_redirect.bootstrap').bootstrap.process_startup()\n")
 
 

@@ -38,11 +38,16 @@ class LaneWriter:
     """This process's lane and what writes into it (the hooks; in fd mode also the pipes)."""
 
     def __init__(self, ring: Ring, mode: str, streams: Iterable[str], overflow: str,
-                 stall_timeout: float, reader_alive: Callable[[], bool]) -> None:
+                 stall_timeout: float, reader_alive: Callable[[], bool],
+                 reader_optional: bool = False) -> None:
         self.ring = ring
         self.mode = mode
         self.hooks = StreamHooks(streams, self._on_fork, self._on_full)
-        self.overflow = Overflow(overflow, stall_timeout, reader_alive, self._reader_gone)
+        self.overflow = Overflow(overflow, stall_timeout, reader_alive, self._reader_gone,
+                                 reader_optional)
+        #: a job member whose process installed a capture of its own: it writes into no lane
+        #: meanwhile (nor do its forks), that capture's writer does
+        self.muted = False
         self.producer: Producer | None = None
         self.fd: FdCapture | None = None  # fd mode: the pipes of this process
         self.hand_over: PipeHandOver | None = None  # fd mode: a forked child's pipes to the master
@@ -110,10 +115,12 @@ class LaneWriter:
 
     # -- in a child
 
-    def start_in_spawned_child(self, master_pid: int, terminal_fds: tuple[int, int]) -> None:
-        """A spawned child writes into its master's segment from its first write on. fd mode:
-        fds 1 and 2 came from the master (its pipes): take its terminal back, then pipes of our
-        own (there is no first write to wait for)."""
+    def start_attached(self, master_pid: int = 0,
+                       terminal_fds: tuple[int, int] = (-1, -1)) -> None:
+        """A process that did not make the segment (a spawned child, a job's rank) writes into
+        it from its first write on. fd mode (a spawned child): fds 1 and 2 came from the master
+        (its pipes): take its terminal back, then pipes of our own (there is no first write to
+        wait for)."""
         self.in_child = True
         self._generation = -1  # not a generation: the first write claims a lane
         if self.mode == "fd":
@@ -151,7 +158,7 @@ class LaneWriter:
             if self.mode == "fd":
                 self._attach_fd_capture()
             else:
-                self.producer = self._claim_lane()
+                self.producer = None if self.muted else self._claim_lane()
                 self.hooks.set_producer(self.producer)
         finally:
             self._generation = generation
@@ -220,6 +227,19 @@ class LaneWriter:
         warn(f"safe_redirect: no free lane for pid {me.pid}: its output goes to its terminal "
              "only (counted in stats().lane_misses; raise install(lanes=...))")
         return None
+
+    def mute(self) -> None:
+        self.muted = True
+        self.hooks.set_producer(None)
+
+    def unmute(self) -> None:
+        self.muted = False
+        producer = self.producer
+        if producer is not None and producer.generation == fork_generation():
+            self.hooks.set_producer(producer)
+        else:
+            self._generation = -1  # the next write claims a lane
+            self.hooks.set_producer(self.ring.segment.placeholder())
 
     def drain_pump(self) -> None:
         """Capture what this process's pipes hold; multiprocessing children call it at exit."""
