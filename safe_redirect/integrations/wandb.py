@@ -59,6 +59,7 @@ class _SharedCapture:
         self.session: Session | None = None
         self.raw_log, self.emulated_log = RawLog(), EmulatedLog(LineScreen)
         self._fds: dict[int, tuple[int, int]] = {}  # see _lost_fds
+        self._early: dict[str, list[Record]] = {}  # see add
         self._drain_thread = 0  # the thread _dispatch runs on, once it has run
 
     def add(self, stream: str, callback: Callback) -> None:
@@ -72,6 +73,10 @@ class _SharedCapture:
                 self.callbacks = {"stdout": [], "stderr": []}
             self.raw_log, self.emulated_log = RawLog(), EmulatedLog(emulated_screen_factory())
             self._drain_thread = 0  # the new session's: known at its first record
+            # the drain may deliver before the callbacks are in (this one: below; the other
+            # stream's: wandb's next call): what comes first (a child's lines, a job's backlog
+            # written before the run began) waits for its stream's first callback
+            self._early = {"stdout": [], "stderr": []}
             self.session = install(on_output=self._dispatch, mode=self.mode,
                                    on_pass_end=self._pass_end)
             self._fds = self._fd_identities()
@@ -117,6 +122,21 @@ class _SharedCapture:
 
     def _dispatch(self, record: Record) -> None:
         self._drain_thread = threading.get_ident()
+        early = self._early.get(record.stream)
+        if early is not None:
+            if not self.callbacks.get(record.stream):
+                if len(early) < _EARLY_RECORDS:
+                    early.append(record)
+                return
+            self._replay(record.stream)
+        self._feed(record)
+
+    def _replay(self, stream: str) -> None:
+        """The records of `stream` that came before its first callback, on the drain thread."""
+        for record in self._early.pop(stream, ()):
+            self._feed(record)
+
+    def _feed(self, record: Record) -> None:
         callbacks = self.callbacks.get(record.stream, ())
         if any(not _emulates(callback) for callback in callbacks):
             self.raw_log.feed(record)
@@ -125,6 +145,8 @@ class _SharedCapture:
 
     def _pass_end(self, final: bool) -> None:
         self._drain_thread = threading.get_ident()
+        for stream in [name for name in self._early if self.callbacks.get(name)]:
+            self._replay(stream)
         for emulated, log in ((False, self.raw_log), (True, self.emulated_log)):
             for stream, text in log.end_pass(final):
                 self._hand_on(stream, text, emulated)
@@ -162,6 +184,8 @@ def _emulates(callback: Callback) -> bool:
 
 
 _captures = {mode: _SharedCapture(mode) for mode in ("wrap", "fd")}
+#: records of a stream kept for its first callback at most (a stream that never gets one)
+_EARLY_RECORDS = 100_000
 
 
 class _SafeRedirect:
