@@ -23,19 +23,21 @@ if TYPE_CHECKING:
         Session,
         Stats,
         install,
+        join_job,
         stats,
     )
 
 __all__ = [
-    "MODES", "OVERFLOW_POLICIES", "Record", "Session", "Stats", "install", "patch_wandb",
-    "set_thread_rank", "stats", "unpatch_wandb",
+    "MODES", "OVERFLOW_POLICIES", "Record", "Session", "Stats", "install", "join_job",
+    "patch_wandb", "set_thread_rank", "stats", "unpatch_wandb",
 ]
 __version__ = "0.1.0"
 
 _LAZY = {
     "Record": "safe_redirect.record",
     "set_thread_rank": "safe_redirect.launchers",
-    **dict.fromkeys(("MODES", "OVERFLOW_POLICIES", "Session", "Stats", "install", "stats"),
+    **dict.fromkeys(("MODES", "OVERFLOW_POLICIES", "Session", "Stats", "install", "join_job",
+                     "stats"),
                     "safe_redirect.session"),
 }
 
