@@ -211,6 +211,66 @@ def test_torchrun_ranks_lines_in_rank_0s_wandb_run(tmp_path, console) -> None:
     assert _job_segments() <= before
 
 
+RESTART_SCRIPT = textwrap.dedent('''
+    import os, sys, time
+    rank = int(os.environ["RANK"])
+    attempt = int(os.environ["TORCHELASTIC_RESTART_COUNT"])
+    meet = sys.argv[1]
+    run = None
+    if rank == 0:
+        deadline = time.monotonic() + 60
+        while not os.path.exists(os.path.join(meet, f"printed{attempt}")):
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        import wandb
+        run = wandb.init(mode="offline", project="job", settings=wandb.Settings(console="wrap"))
+    for i in range(20):
+        print(f"attempt {attempt} rank {rank} line {i}")
+    sys.stdout.flush()
+    if rank == 1:
+        open(os.path.join(meet, f"printed{attempt}"), "w").close()
+        if attempt == 0:
+            sys.exit(3)  # torchrun stops every worker and starts them all again
+        while not os.path.exists(os.path.join(meet, "done")):
+            time.sleep(0.005)
+    if run is not None:
+        run.finish()
+        with open(os.path.join(meet, "log"), "a") as f:
+            f.write(os.path.join(run.settings.files_dir, "output.log") + "\\n")
+        open(os.path.join(meet, "done"), "w").close()
+''')
+
+
+def test_torchrun_restart_the_new_attempts_run_has_its_ranks_lines(tmp_path) -> None:
+    """torchrun --max-restarts 1: rank 1 fails in the first attempt, every worker is stopped
+    and started again (new pids, the same job id): the second attempt's run has both ranks'
+    lines of that attempt, once, and nothing is left in /dev/shm."""
+    pytest.importorskip("torch.distributed.run")
+    if spawn.ensure_pth() is None:
+        pytest.skip("no writable site-packages for safe_redirect.pth")
+    script = tmp_path / "restart.py"
+    script.write_text(RESTART_SCRIPT)
+    meet = tmp_path / "meet"
+    meet.mkdir()
+    env = {**os.environ, "SAFE_REDIRECT_PATCH": "wandb", "WANDB_MODE": "offline",
+           "WANDB_SILENT": "true"}
+    env.pop("SAFE_REDIRECT_JOB", None)
+    before = _job_segments()
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         "--max-restarts", "1", str(script), str(meet)], cwd=tmp_path, env=env,
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    logs = (meet / "log").read_text().split()
+    assert len(logs) == 1  # attempt 0's rank 0 was stopped before its run finished
+    log = Path(logs[0]).read_text().splitlines()
+    for rank in (0, 1):
+        assert [line for line in log if line.startswith(f"[rank{rank}] ")] == [
+            f"[rank{rank}] attempt 1 rank {rank} line {i}" for i in range(20)]
+    assert len(log) == 40
+    assert _job_segments() <= before
+
+
 def test_without_a_reader_no_rank_waits_and_what_does_not_fit_is_counted(job) -> None:
     """Nobody installs: lanes fill, then every write spills at once (no stall), counted."""
     big = 60_000  # about 2 MiB of records per rank, in lanes of 1 MiB
