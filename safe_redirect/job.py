@@ -144,6 +144,17 @@ class JobRing(Ring):
             time.sleep(0.001)  # another rank is creating or removing it
         raise OSError(errno.EAGAIN, f"could not join the job segment {path}")
 
+    @classmethod
+    def open_to_read(cls, name: str, me: Stamp) -> JobRing | None:
+        """The job's segment mapped anew (the membership's mapping stays the writer's) for `me`
+        to read, or None if another member reads it."""
+        ring = cls.join(name)
+        if ring.claim_reader(me):
+            return ring
+        ring.close()
+        ring.unlink()
+        return None
+
     @staticmethod
     def _create(path: str, lanes: int, lane_bytes: int) -> int | None:
         """A new segment under `path`, locked by us; None if another rank linked one first."""

@@ -92,7 +92,9 @@ class Session:
         # a rank of a job (job.py): read the job's segment if no other rank does, else capture
         # into a segment of our own; either way the rank's membership writes nothing meanwhile
         self._member = _job_member()
-        job_ring = self._member.read_job(self._owner) if self._member is not None else None
+        job_ring = None
+        if self._member is not None:
+            job_ring = JobRing.open_to_read(self._member._writer.ring.name, self._owner)
         if job_ring is not None:
             master = Master(job_ring, self._owner, rank, on_output, on_pass_end, owns_ring=False)
         else:
@@ -177,18 +179,6 @@ class Session:
         self._register()
         return self
 
-    def read_job(self, me: Stamp) -> JobRing | None:
-        """A job membership: the job's segment mapped anew for `me` to read, or None if another
-        rank reads it."""
-        ring = self._writer.ring
-        if self._uninstalled or not isinstance(ring, JobRing):
-            return None
-        mine = JobRing.join(ring.name)
-        if mine.claim_reader(me):
-            return mine
-        mine.close()
-        mine.unlink()
-        return None
 
     def _register(self) -> None:
         on_fork_in_child(self._after_fork)
