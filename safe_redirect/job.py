@@ -35,7 +35,11 @@ from safe_redirect.ring import MAX_LANES, Ring, shm_dir
 from safe_redirect.spawn import JOB_VAR  # names the job's segment for what a rank starts
 from safe_redirect.stamp import Stamp
 
-__all__ = ["JOB_PREFIX", "JOB_VAR", "JobRing", "job_key", "job_name", "sweep_abandoned_jobs"]
+__all__ = ["JOB_MODE_VAR", "JOB_PREFIX", "JOB_VAR", "JobRing", "job_key", "job_name",
+           "sweep_abandoned_jobs"]
+
+#: "fd": the ranks capture fds 1 and 2 too (C code, subprocesses), through pipes; "wrap" default
+JOB_MODE_VAR = "SAFE_REDIRECT_JOB_MODE"
 
 #: not "safe_redirect-": an older safe_redirect sweeps those by their creator's stamp, and a job's
 #: segment outlives its creator

@@ -74,11 +74,15 @@ class Master:
     does not end: its siblings go on writing there after it is gone (`owns_ring` False)."""
 
     def __init__(self, ring: Ring, owner: Stamp, rank: int | None, on_output: OnOutput | None,
-                 on_pass_end: OnPassEnd | None, owns_ring: bool = True) -> None:
+                 on_pass_end: OnPassEnd | None, owns_ring: bool = True,
+                 claims_lane: bool = True) -> None:
         self.ring = ring
         self.owner = owner
         self.owns_ring = owns_ring
-        self.lane = ring.segment.claim(owner.pid, owner.start_us, -1 if rank is None else rank)
+        # a lane for this process's own writes (not claimed where a job's membership writes)
+        self.lane = -1
+        if claims_lane:
+            self.lane = ring.segment.claim(owner.pid, owner.start_us, -1 if rank is None else rank)
         self._on_output = on_output
         self._on_pass_end = on_pass_end
         self.callback_errors = 0

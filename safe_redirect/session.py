@@ -31,7 +31,14 @@ from safe_redirect.diagnostics import warn
 from safe_redirect.exits import forget_before_os_exit, run_at_multiprocessing_child_exit
 from safe_redirect.hooks import HookState
 from safe_redirect.hosts import uncaptured_in_kernel
-from safe_redirect.job import JOB_VAR, JobRing, job_key, job_name, sweep_abandoned_jobs
+from safe_redirect.job import (
+    JOB_MODE_VAR,
+    JOB_VAR,
+    JobRing,
+    job_key,
+    job_name,
+    sweep_abandoned_jobs,
+)
 from safe_redirect.launchers import detect_rank, watch_torch_xla
 from safe_redirect.master import Master, OnOutput, OnPassEnd, Stats, count
 from safe_redirect.ring import Ring
@@ -89,34 +96,40 @@ class Session:
         watch_torch_xla()
         self._owner = Stamp.current()
         rank = detect_rank()
-        # a rank of a job (job.py): read the job's segment if no other rank does, else capture
-        # into a segment of our own; either way the rank's membership writes nothing meanwhile
+        # a rank of a job (job.py) reads the job's segment if no other rank does, else captures
+        # into a segment of our own; its membership's writer goes on writing for both where it
+        # captures what the mode asks (fd takes in wrap), else it writes nothing meanwhile
         self._member = _job_member()
-        job_ring = None
+        job_ring = shared = None
         if self._member is not None:
             job_ring = JobRing.open_to_read(self._member._writer.ring.name, self._owner)
         if job_ring is not None:
-            master = Master(job_ring, self._owner, rank, on_output, on_pass_end, owns_ring=False)
+            if self._member is not None and self._member._writer.mode in ("fd", mode):
+                shared = self._member._writer
+            master = Master(job_ring, self._owner, rank, on_output, on_pass_end,
+                            owns_ring=False, claims_lane=shared is None)
         else:
             master = Master.create(self._owner, rank, lanes, lane_bytes, on_output, on_pass_end)
         self._master = master
-        writer = self._writer = LaneWriter(master.ring, mode, streams, overflow, stall_timeout,
-                                           self._reader_alive)
-        if self._member is not None:
+        self._owns_writer = shared is None
+        writer = self._writer = shared or LaneWriter(master.ring, mode, streams, overflow,
+                                                     stall_timeout, self._reader_alive)
+        if self._member is not None and self._owns_writer:
             self._member._writer.mute()
         try:
-            drain_ident = master.start_drain(tag, mode == "fd", writer.tee,
+            drain_ident = master.start_drain(tag, writer.mode == "fd", writer.tee,
                                              writer.hooks.skip_thread)
-            writer.start_in_master(master.lane, master.hand_over)
+            if self._owns_writer:
+                writer.start_in_master(master.lane, master.hand_over)
             writer.hooks.skip_thread(drain_ident)
             self._watch_multiprocessing_children()
         except BaseException:
-            writer.abandon()
+            if self._owns_writer:
+                writer.abandon()
             if isinstance(master.ring, JobRing):
                 master.ring.release_reader(self._owner)
             master.abandon()
-            if self._member is not None:
-                self._member._writer.unmute()
+            self._let_member_write()
             raise
         self._uninstalled = False
         self.attach_info = AttachInfo(master.ring.name, self._owner.pid, self._owner.start_us,
@@ -150,6 +163,7 @@ class Session:
             ring.close()
             raise ValueError(f"segment {info.segment} belongs to another master")
         self._master = None
+        self._owns_writer = True
         self.attach_info = info
         self._writer = LaneWriter(ring, info.mode, info.streams, info.overflow,
                                   info.stall_timeout, self._reader_alive)
@@ -160,9 +174,10 @@ class Session:
         return self
 
     @classmethod
-    def join(cls, ring: JobRing, streams: Iterable[str] = ("stdout", "stderr")) -> Session:
+    def join(cls, ring: JobRing, streams: Iterable[str] = ("stdout", "stderr"),
+             mode: str = "wrap") -> Session:
         """The membership of a job's rank (`join_job`): it writes into the job's segment from
-        its first write on (wrap mode), and spills at once while no rank reads."""
+        its first write on (fd mode: at once), and spills at once while no rank reads."""
         self = cls.__new__(cls)
         self._uninstalled = True
         self._exit_timeout = 0.0
@@ -170,8 +185,9 @@ class Session:
         watch_torch_xla()
         self._owner = Stamp.current()
         self._master = None
-        self.attach_info = AttachInfo(ring.name, 0, 0, "wrap", tuple(streams), "block", 2.0)
-        self._writer = LaneWriter(ring, "wrap", streams, "block", 2.0, self._reader_alive,
+        self._owns_writer = True
+        self.attach_info = AttachInfo(ring.name, 0, 0, mode, tuple(streams), "block", 2.0)
+        self._writer = LaneWriter(ring, mode, streams, "block", 2.0, self._reader_alive,
                                   reader_optional=True)
         self._uninstalled = False
         self._writer.start_attached()
@@ -189,7 +205,11 @@ class Session:
     def state(self) -> State:
         if self._uninstalled:
             return State.UNINSTALLED
-        return State.CHILD if self._writer.in_child else State.INSTALLED
+        return State.CHILD if self._is_child() else State.INSTALLED
+
+    def _is_child(self) -> bool:
+        """Not the installing process: a fork of it, or a process attached to its segment."""
+        return self._writer.in_child if self._owns_writer else not self._owner.is_me()
 
     @property
     def is_master(self) -> bool:
@@ -233,35 +253,45 @@ class Session:
 
     def _uninstall_master(self, master: Master, timeout: float | None) -> None:
         writer = self._writer
-        writer.unhook()
         master.unexport()
-        if not writer.stop_pump(timeout):
-            warn(f"safe_redirect: the fd pump did not drain within {timeout} s")
+        if not self._owns_writer:  # a job's membership: it goes on writing
+            writer.sync(timeout)
+        else:
+            writer.unhook()
+            if not writer.stop_pump(timeout):
+                warn(f"safe_redirect: the fd pump did not drain within {timeout} s")
         if writer.fd is not None:
             master.sync(timeout, child_pipes=True)  # what live children's pumps have not read
         delivered = master.close(timeout)
         self._final_stats = master.stats()
         if isinstance(master.ring, JobRing):  # the job goes on: a later reader frees our lane
-            if writer.producer is not None:
+            if self._owns_writer and writer.producer is not None:
                 writer.producer.close()
             master.ring.release_reader(self._owner)
+        if not self._owns_writer:
+            writer.hooks.skip_thread(0)  # the drain thread has ended
         self._finish()
-        if self._member is not None:
-            self._member._writer.unmute()
+        self._let_member_write()
         if not delivered:
             warn(f"safe_redirect: final delivery timed out after {timeout} s")
 
     def _finish(self) -> None:
         self._uninstalled = True
-        self._writer.finish()
-        ring = self._writer.ring
+        ring = self._master.ring if self._master is not None else self._writer.ring
+        if self._owns_writer:
+            self._writer.finish()
+            forget_before_os_exit(self._writer.drain_pump_in_child)
         ring.close()
         ring.unlink()
         remove_fork_handler(self._after_fork)
         atexit.unregister(self._at_exit)
-        forget_before_os_exit(self._writer.drain_pump_in_child)
         if self in _sessions:
             _sessions.remove(self)
+
+    def _let_member_write(self) -> None:
+        """A job's membership muted for our writer: it writes again."""
+        if self._member is not None and self._owns_writer:
+            self._member._writer.unmute()
 
     def _at_exit(self) -> None:
         if self.state is State.INSTALLED and not self._in_child() and self._master is not None:
@@ -281,21 +311,24 @@ class Session:
     # -- a child's side
 
     def _in_child(self) -> bool:
-        if self._writer.in_child:
-            return not self._uninstalled
-        if not self._uninstalled and not self._owner.is_me():
+        if self._uninstalled:
+            return False
+        if self._is_child():
+            return True
+        if not self._owner.is_me():
             self._writer.become_child()  # a fork that skipped Python's fork handlers
             return True
         return False
 
     def _after_fork(self) -> None:
         """Right after os.fork() in the child: stop calling anything of the master's."""
-        if not self._uninstalled:
+        if not self._uninstalled and self._owns_writer:
             self._writer.after_fork()
 
     def _uninstall_in_child(self) -> None:
-        self._writer.close_in_child()
-        self._unlink_if_master_died()
+        if self._owns_writer:
+            self._writer.close_in_child()
+            self._unlink_if_master_died()
         self._finish()
 
     def _unlink_if_master_died(self) -> None:
@@ -309,7 +342,7 @@ class Session:
 
     def _reader_alive(self) -> bool:
         """Whether the master still reads: asked by a writer whose lane is full."""
-        if self._master is not None and not self._writer.in_child:
+        if self._master is not None and not self._is_child():
             return self._master.reading
         ring = self._writer.ring
         if isinstance(ring, JobRing):
@@ -361,14 +394,21 @@ def _job_member() -> Session | None:
     return None
 
 
-def join_job(streams: Iterable[str] = ("stdout", "stderr")) -> Session | None:
+def join_job(streams: Iterable[str] = ("stdout", "stderr"), mode: str | None = None,
+             ) -> Session | None:
     """Make this process a member of its job's segment on this node: every rank calls it (the
     `.pth` does where SAFE_REDIRECT_PATCH is set under a launcher), and the rank that then
     calls `install()` (a patched wandb run on rank 0) receives every rank's lines, tagged.
 
     The job is named by the launcher's environment (`job.job_key`): None when this process is
-    not one rank of several. The processes this one starts join the same job."""
+    not one rank of several. The processes this one starts join the same job. `mode`: "wrap"
+    (Python-level writes), or "fd" (also what C code and subprocesses write to fds 1 and 2,
+    through pipes); by default SAFE_REDIRECT_JOB_MODE, else "wrap"."""
     streams = check_streams(streams)
+    if mode is None:
+        mode = os.environ.get(JOB_MODE_VAR) or "wrap"
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
     member = _job_member()
     name = os.environ.get(JOB_VAR)
     if not name:
@@ -383,8 +423,9 @@ def join_job(streams: Iterable[str] = ("stdout", "stderr")) -> Session | None:
     sweep_abandoned_jobs()
     ring = JobRing.join(name, lanes)
     os.environ[JOB_VAR] = name  # what this rank starts joins too
+    os.environ[JOB_MODE_VAR] = mode
     ensure_pth()
-    return Session.join(ring, streams)
+    return Session.join(ring, streams, mode)
 
 
 def stats() -> Stats:

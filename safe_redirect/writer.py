@@ -45,6 +45,7 @@ class LaneWriter:
         self.hooks = StreamHooks(streams, self._on_fork, self._on_full)
         self.overflow = Overflow(overflow, stall_timeout, reader_alive, self._reader_gone,
                                  reader_optional)
+        self._reader_optional = reader_optional
         #: a job member whose process installed a capture of its own: it writes into no lane
         #: meanwhile (nor do its forks), that capture's writer does
         self.muted = False
@@ -124,7 +125,8 @@ class LaneWriter:
         self.in_child = True
         self._generation = -1  # not a generation: the first write claims a lane
         if self.mode == "fd":
-            reopen_terminal(master_pid, terminal_fds, self.hooks.streams)
+            if master_pid:  # a job's rank has its own terminal on fds 1 and 2
+                reopen_terminal(master_pid, terminal_fds, self.hooks.streams)
             self.become_child()
         self.hooks.install(self.ring.segment.placeholder(), terminals=self.mode == "fd")
 
@@ -204,6 +206,8 @@ class LaneWriter:
         if self.producer is not None and self.hand_over is not None and self.hand_over.send(
                 self.producer.lane, me.pid, me.start_us, fd.read_ends()):
             return  # the master holds them from now on, whatever becomes of us
+        if self._reader_optional:
+            return  # a job's rank: there may be no reader to wait for
         deadline = time.monotonic() + 0.1  # bounded: never block a child on its master
         while self.producer is not None and not self.producer.pipes_acked:
             if time.monotonic() > deadline:
@@ -282,8 +286,8 @@ class LaneWriter:
         if self.in_child:
             set_thread_rank(detect_rank(thread=False))
         producer = self.producer
-        if producer is None:
-            return None, 0.0
+        if producer is None or self.muted:
+            return None, 0.0  # the pipes' bytes go to the terminal only
         return producer, self.overflow.pump_wait(producer)
 
     def _on_full(self, hook: Hook, stream: int, rest: bytes) -> None:

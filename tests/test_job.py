@@ -57,6 +57,10 @@ RANK_SCRIPT = textwrap.dedent('''
         mark("reading")
         for i in range(lines):
             print(f"rank 0 line {i}")
+        if plan.get("fdlines"):
+            sys.stdout.flush()
+            os.write(1, b"rank 0 fd write\\n")
+            os.system("echo rank 0 shell")
         if plan.get("die"):
             wait(["killme"])
             os.kill(os.getpid(), signal.SIGKILL)
@@ -74,6 +78,10 @@ RANK_SCRIPT = textwrap.dedent('''
                 print(f"rank {rank} line {i}")
                 if i % 10 == 0:
                     print(f"rank {rank} error {i}", file=sys.stderr)
+            if plan.get("fdlines"):
+                sys.stdout.flush()
+                os.write(1, f"rank {rank} fd write\\n".encode())
+                os.system(f"echo rank {rank} shell")
             if plan.get("fork"):
                 pid = os.fork()
                 if pid == 0:
@@ -169,6 +177,22 @@ def test_every_ranks_lines_reach_the_rank_that_installs(job, mode) -> None:
         assert texts.count((f"[rank{rank}] ", f"rank {rank} forked child")) == 1
 
 
+@pytest.mark.parametrize("reader", ["fd", "wrap"])
+def test_ranks_in_fd_mode_also_deliver_what_c_code_and_subprocesses_write(job, reader) -> None:
+    """SAFE_REDIRECT_JOB_MODE=fd: every rank captures fds 1 and 2 (os.write, a shell's echo),
+    whatever mode the reading rank installs, each line once."""
+    codes, meet = job(3, {"join": True, "install": reader, "fdlines": True, "fork": True},
+                      env={"SAFE_REDIRECT_JOB_MODE": "fd"})
+    assert codes == [0, 0, 0], [(meet / f"err{r}").read_text()[-500:] for r in range(3)]
+    texts = _split(json.loads((meet / "got.json").read_text()))
+    _rank_lines(texts, 3, 50)
+    for rank in range(3):
+        for line in (f"rank {rank} fd write", f"rank {rank} shell"):
+            assert texts.count((f"[rank{rank}] ", line)) == 1, (line, texts[-12:])
+    for rank in (1, 2):
+        assert texts.count((f"[rank{rank}] ", f"rank {rank} forked child")) == 1
+
+
 @pytest.mark.parametrize("console", ["wrap", "redirect", "wrap_emu"])
 def test_patched_wandb_run_of_rank_0_has_every_ranks_lines(job, console) -> None:
     """SAFE_REDIRECT_PATCH=wandb and nothing else: no code of ours in the script."""
@@ -180,10 +204,12 @@ def test_patched_wandb_run_of_rank_0_has_every_ranks_lines(job, console) -> None
     _rank_lines(texts, 3, 50)
 
 
-@pytest.mark.parametrize("console", ["wrap", "redirect"])
-def test_torchrun_ranks_lines_in_rank_0s_wandb_run(tmp_path, console) -> None:
+@pytest.mark.parametrize(("console", "job_mode"), [("wrap", "wrap"), ("redirect", "wrap"),
+                                                   ("redirect", "fd")])
+def test_torchrun_ranks_lines_in_rank_0s_wandb_run(tmp_path, console, job_mode) -> None:
     """A real `torchrun --standalone --nproc-per-node 4`, SAFE_REDIRECT_PATCH=wandb in its
-    environment, rank 0 opening its run after the others printed."""
+    environment, rank 0 opening its run after the others printed; with
+    SAFE_REDIRECT_JOB_MODE=fd what the ranks write to fds 1 and 2 too."""
     pytest.importorskip("torch.distributed.run")
     if spawn.ensure_pth() is None:
         pytest.skip("no writable site-packages for safe_redirect.pth")
@@ -191,9 +217,10 @@ def test_torchrun_ranks_lines_in_rank_0s_wandb_run(tmp_path, console) -> None:
     script.write_text(RANK_SCRIPT)
     meet = tmp_path / "meet"
     meet.mkdir()
-    plan = {"meet": str(meet), "lines": 50, "wandb": console, "fork": True}
+    plan = {"meet": str(meet), "lines": 50, "wandb": console, "fork": True,
+            "fdlines": job_mode == "fd"}
     env = {**os.environ, "SAFE_REDIRECT_PATCH": "wandb", "WANDB_MODE": "offline",
-           "WANDB_SILENT": "true"}
+           "WANDB_SILENT": "true", "SAFE_REDIRECT_JOB_MODE": job_mode}
     env.pop("SAFE_REDIRECT_JOB", None)
     before = _job_segments()
     proc = subprocess.run(
@@ -207,6 +234,10 @@ def test_torchrun_ranks_lines_in_rank_0s_wandb_run(tmp_path, console) -> None:
     _rank_lines(texts, 4, 50)
     for rank in (1, 2, 3):
         assert texts.count((f"[rank{rank}] ", f"rank {rank} forked child")) == 1
+    if job_mode == "fd":
+        for rank in range(4):
+            for line in (f"rank {rank} fd write", f"rank {rank} shell"):
+                assert texts.count((f"[rank{rank}] ", line)) == 1, line
     assert len(texts) == len(log)  # every line of the log is tagged
     assert _job_segments() <= before
 
