@@ -204,12 +204,14 @@ def test_patched_wandb_run_of_rank_0_has_every_ranks_lines(job, console) -> None
     _rank_lines(texts, 3, 50)
 
 
-@pytest.mark.parametrize(("console", "job_mode"), [("wrap", "wrap"), ("redirect", "wrap"),
-                                                   ("redirect", "fd")])
-def test_torchrun_ranks_lines_in_rank_0s_wandb_run(tmp_path, console, job_mode) -> None:
+@pytest.mark.parametrize(("console", "job_mode", "tee"), [
+    ("wrap", "wrap", False), ("redirect", "wrap", False), ("redirect", "fd", False),
+    ("wrap", "wrap", True)])
+def test_torchrun_ranks_lines_in_rank_0s_wandb_run(tmp_path, console, job_mode, tee) -> None:
     """A real `torchrun --standalone --nproc-per-node 4`, SAFE_REDIRECT_PATCH=wandb in its
     environment, rank 0 opening its run after the others printed; with
-    SAFE_REDIRECT_JOB_MODE=fd what the ranks write to fds 1 and 2 too."""
+    SAFE_REDIRECT_JOB_MODE=fd what the ranks write to fds 1 and 2 too; with `--tee 3
+    --log-dir`, torchrun's own files and console keep every line as before."""
     pytest.importorskip("torch.distributed.run")
     if spawn.ensure_pth() is None:
         pytest.skip("no writable site-packages for safe_redirect.pth")
@@ -223,11 +225,19 @@ def test_torchrun_ranks_lines_in_rank_0s_wandb_run(tmp_path, console, job_mode) 
            "WANDB_SILENT": "true", "SAFE_REDIRECT_JOB_MODE": job_mode}
     env.pop("SAFE_REDIRECT_JOB", None)
     before = _job_segments()
+    logs = tmp_path / "torchrun-logs"
+    tee_args = ["--tee", "3", "--log-dir", str(logs)] if tee else []
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4",
-         str(script), json.dumps(plan)], cwd=tmp_path, env=env, capture_output=True, text=True,
-        timeout=300)
+         *tee_args, str(script), json.dumps(plan)], cwd=tmp_path, env=env, capture_output=True,
+        text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
+    if tee:
+        for rank in range(4):
+            (out,) = logs.glob(f"*/attempt_0/{rank}/stdout.log")
+            assert [line for line in out.read_text().splitlines() if " line " in line] == [
+                f"rank {rank} line {i}" for i in range(50)]
+            assert sum(f"rank {rank} line 7" in line for line in proc.stdout.splitlines()) == 1
     log = Path((meet / "log").read_text().strip()).read_text().splitlines()
     texts = [(line[:line.index("]") + 2], line[line.index("]") + 2:]) for line in log
              if line.startswith("[rank")]
