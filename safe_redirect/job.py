@@ -19,6 +19,10 @@ identity (`job_key`):
 
 Every rank's lines written before the reader came wait in the lanes (a lane holds about 8,000
 lines of 80 bytes); what does not fit is spilled and counted, and has reached the terminal.
+
+Across nodes (the multi-node issue): each node has its segment; on a node without the run, one
+member takes the reader's place and forwards its records to the reader on the run's node, whose
+drain merges them with its own lanes' by time as it merges lanes (`Drain`'s pass queue).
 """
 
 from __future__ import annotations
