@@ -16,7 +16,8 @@ from collections.abc import Iterable
 
 from safe_redirect.ring import MAX_LANE_BYTES, MAX_LANES, MIN_LANE_BYTES, STREAMS
 
-__all__ = ["MODES", "OVERFLOW_POLICIES", "TAG_FIELDS", "check_install_arguments", "check_streams"]
+__all__ = ["MODES", "OVERFLOW_POLICIES", "TAG_FIELDS", "check_install_arguments", "check_streams",
+           "check_tag"]
 
 #: "wrap": hook sys.stdout / sys.stderr and their buffers (Python-level writes).
 #: "fd": the same hooks, and pipes on fds 1 and 2 for what bypasses them (os.write, os.system,
@@ -40,7 +41,7 @@ def check_install_arguments(on_output: object, mode: object, streams: object, ta
                         f"{_shown(on_output)}")
     _check_choice("mode", mode, MODES)
     names = check_streams(streams)
-    _check_tag(tag)
+    check_tag(tag)
     if not 1 <= _int("lanes", lanes) <= MAX_LANES:
         raise ValueError(f"lanes must be from 1 to {MAX_LANES}, not {lanes}")
     size = _int("lane_bytes", lane_bytes)
@@ -85,7 +86,7 @@ def check_streams(streams: object) -> tuple[str, ...]:
     return names
 
 
-def _check_tag(tag: object) -> None:
+def check_tag(tag: object) -> None:
     valid = " ".join(f"{{{field}}}" for field in TAG_FIELDS)
     if not isinstance(tag, str):
         raise TypeError(f"tag must be a str (a format template using {valid}), not {_shown(tag)}")

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 __all__ = ["adopt", "process_startup"]
 
 _attached: Session | None = None
+_member: Session | None = None  # this process's membership of a job (job.py)
 _patched = False
 
 
@@ -61,28 +62,32 @@ def process_startup() -> object | None:
         _leave_the_masters_pipes(raw)
         _import_for_children()
         return None
-    return _attach(raw)
+    attached = _attach(raw)
+    # a rank of a job started under a master (`safe-redirect run --wandb -- torchrun ...`):
+    # its lines go to both, the master's capture and the run that rank 0 opens
+    _join_job()
+    return attached
 
 
 def _join_job() -> Session | None:
     """One rank of a launcher's job (RANK and WORLD_SIZE set) under SAFE_REDIRECT_PATCH, or a
     process a member started (SAFE_REDIRECT_JOB set): a member of the job's segment, so that
     the rank that opens the run receives its lines (`job.py`)."""
-    global _attached
+    global _member
     from safe_redirect.spawn import JOB_VAR, PATCH_VAR
 
     env = os.environ
-    if not env.get(JOB_VAR) and not (env.get(PATCH_VAR) and env.get("RANK")
-                                     and env.get("WORLD_SIZE")):
-        return None
+    launched = env.get(PATCH_VAR) and env.get("RANK") and env.get("WORLD_SIZE")
+    if _member is not None or not (env.get(JOB_VAR) or launched):
+        return _member
     try:
         from safe_redirect.session import join_job
 
-        _attached = join_job()
+        _member = join_job()
     except Exception as exc:
         warn(f"safe_redirect: could not join the job's capture: {exc!r}")
         return None
-    return _attached
+    return _member
 
 
 def adopt(raw: str | None) -> None:

@@ -1,4 +1,5 @@
-"""`python -m safe_redirect demo` (also `safe-redirect demo`): see the capture work here."""
+"""`safe-redirect` (also `python -m safe_redirect`): `demo` shows the capture at work; `run`
+runs a command with its whole process tree captured (`launch.py`)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,10 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
+from safe_redirect import __version__
+from safe_redirect.arguments import check_tag
 from safe_redirect.record import Record
 from safe_redirect.session import install
 
@@ -96,14 +100,43 @@ def _count(text: str) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="safe-redirect", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
-    demo_parser = commands.add_parser("demo", help="fork workers that print; show the capture")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    verbs = parser.add_subparsers(dest="verb", required=True)
+    demo_parser = verbs.add_parser("demo", help="fork workers that print; show the capture")
     demo_parser.add_argument("--workers", type=_count, default=8,
                              help="forked processes that print (default 8)")
     demo_parser.add_argument("--steps", type=_count, default=5,
                              help="steps of each one's progress bar (default 5)")
+    run_parser = verbs.add_parser(
+        "run", help="run a command, its whole process tree captured, tagged and logged",
+        description="Run COMMAND (python train.py, torchrun ..., a shell script) with the "
+        "stdout and stderr of every process it starts captured: shown on this terminal, each "
+        "line under its process's tag (its rank, else its name, else its pid), and with "
+        "--log-dir written to one file per rank and a merged all.log. Exits with COMMAND's "
+        "exit code (128+N after signal N). Example: safe-redirect run --log-dir logs -- "
+        "torchrun --nproc-per-node 4 train.py")
+    run_parser.add_argument("--log-dir", type=Path, metavar="DIR",
+                            help="write DIR/rank<N>.log per rank (else <name>.log or "
+                            "pid<P>.log; the command's own lines in main.log) and DIR/all.log, "
+                            "the tagged merge")
+    run_parser.add_argument("--tag", default="[rank{rank}] ", metavar="TEMPLATE",
+                            help="the tag of a process with a rank, from {rank} {pid} {name} "
+                            "(default %(default)r)")
+    run_parser.add_argument("--wandb", action="store_true",
+                            help="patch wandb in every process of the job, as "
+                            "SAFE_REDIRECT_PATCH=wandb does")
+    run_parser.add_argument("command", nargs=argparse.REMAINDER,
+                            help="the command and its arguments, after --")
     args = parser.parse_args(argv)
-    if args.command == "demo":
+    if args.verb == "demo":
         return demo(args.workers, args.steps)
-    parser.error(f"unknown command {args.command}")
-    return 2
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        run_parser.error("no command given: safe-redirect run [options] -- COMMAND ...")
+    try:
+        check_tag(args.tag)
+    except (TypeError, ValueError) as exc:
+        run_parser.error(f"argument --tag: {exc}")
+    from safe_redirect.launch import run
+
+    return run(command, log_dir=args.log_dir, tag=args.tag, wandb=args.wandb)

@@ -1,0 +1,182 @@
+"""`safe-redirect run -- COMMAND`, run as a user runs it: the real console script (`python -m
+safe_redirect run`), real jobs that fork, spawn, use a forkserver and start subprocesses."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+JOB = textwrap.dedent("""
+    import multiprocessing as mp, os, sys
+    def work(rank):
+        os.environ["RANK"] = str(rank)
+        for i in range(3):
+            print(f"rank {rank} line {i}")
+        print(f"rank {rank} warn", file=sys.stderr)
+    if __name__ == "__main__":
+        print("main starts")
+        methods = ["fork", "spawn", "forkserver"]
+        ps = [mp.get_context(m).Process(target=work, args=(r,)) for r, m in enumerate(methods)]
+        for p in ps: p.start()
+        for p in ps: p.join()
+        sys.stdout.flush()
+        os.system("echo from a shell")
+        print("main done")
+        sys.exit(int(sys.argv[1]))
+""")
+
+
+def _run(args: list[str], cwd: Path, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "safe_redirect", "run", *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("code", [0, 3])
+def test_every_process_tagged_on_the_terminal_and_in_its_log(tmp_path, code) -> None:
+    (tmp_path / "job.py").write_text(JOB)
+    done = _run(["--log-dir", "logs", "--", sys.executable, "job.py", str(code)], tmp_path)
+    assert done.returncode == code, done.stderr
+    logs = tmp_path / "logs"
+    assert sorted(p.name for p in logs.iterdir()) == [
+        "all.log", "main.log", "rank0.log", "rank1.log", "rank2.log"]
+    for rank in range(3):
+        assert (logs / f"rank{rank}.log").read_text() == "".join(
+            f"rank {rank} line {i}\n" for i in range(3)) + f"rank {rank} warn\n"
+        for i in range(3):
+            assert done.stdout.count(f"[rank{rank}] rank {rank} line {i}\n") == 1
+        assert done.stderr.count(f"[rank{rank}] rank {rank} warn\n") == 1
+    # the command's own lines and its shell's: untagged, as a master's
+    assert (logs / "main.log").read_text() == "main starts\nfrom a shell\nmain done\n"
+    assert done.stdout.startswith("main starts\n") and done.stdout.endswith("main done\n")
+    merged = (logs / "all.log").read_text().splitlines()
+    assert len(merged) == 3 + 3 * 4 and merged[-1] == "main done"
+    assert sorted(merged) == sorted(
+        ["main starts", "from a shell", "main done"] +
+        [f"[rank{r}] rank {r} line {i}" for r in range(3) for i in range(3)] +
+        [f"[rank{r}] rank {r} warn" for r in range(3)])
+
+
+def test_a_command_killed_by_a_signal_exits_128_plus_n(tmp_path) -> None:
+    code = "import os, signal; print('before', flush=True); os.kill(os.getpid(), signal.SIGKILL)"
+    done = _run(["--", sys.executable, "-c", code], tmp_path)
+    assert done.returncode == 128 + signal.SIGKILL
+    assert done.stdout == "before\n"
+
+
+def test_a_command_that_is_not_python(tmp_path) -> None:
+    done = _run(["--log-dir", "logs", "--", "sh", "-c", "echo out; echo err >&2"], tmp_path)
+    assert done.returncode == 0
+    assert (done.stdout, done.stderr) == ("out\n", "err\n")
+    assert (tmp_path / "logs" / "main.log").read_text() in ("out\nerr\n", "err\nout\n")
+
+
+def test_a_command_that_does_not_exist(tmp_path) -> None:
+    done = _run(["--", "no-such-command-anywhere"], tmp_path)
+    assert done.returncode == 127
+    assert "cannot run 'no-such-command-anywhere'" in done.stderr
+
+
+@pytest.mark.parametrize("args", [[], ["--"], ["--tag", "[{nope}] ", "--", "true"]])
+def test_bad_arguments_are_a_usage_error(tmp_path, args) -> None:
+    done = _run(args, tmp_path)
+    assert done.returncode == 2
+    assert "usage: safe-redirect run" in done.stderr
+
+
+SIGTERM_JOB = textwrap.dedent("""
+    import os, signal, subprocess, sys, time
+    pids = open(sys.argv[1], "w")
+    leftover = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    pids.write(f"{os.getpid()} {leftover.pid}\\n"); pids.close()
+    def stop(signum, frame):
+        print("terminated: cleaning up", flush=True)
+        sys.exit(7)
+    signal.signal(signal.SIGTERM, stop)
+    print("working", flush=True)
+    time.sleep(120)
+""")
+
+
+def test_sigterm_reaches_the_job_and_leaves_no_process(tmp_path) -> None:
+    """SIGTERM to `safe-redirect run` goes to the job's process group; the command's exit code
+    comes back; what the job printed is logged; the child it left behind is stopped too."""
+    (tmp_path / "job.py").write_text(SIGTERM_JOB)
+    pids_file = tmp_path / "pids"
+    cli = subprocess.Popen([sys.executable, "-m", "safe_redirect", "run", "--log-dir", "logs",
+                            "--", sys.executable, "job.py", str(pids_file)], cwd=tmp_path,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "logs" / "main.log").exists() or "working" not in (
+                tmp_path / "logs" / "main.log").read_text():
+            assert time.monotonic() < deadline, "the job never started"
+            time.sleep(0.02)
+        cli.send_signal(signal.SIGTERM)
+        out, err = cli.communicate(timeout=60)
+    finally:
+        if cli.poll() is None:
+            cli.kill()
+    assert cli.returncode == 7, err
+    assert out == "working\nterminated: cleaning up\n"
+    assert (tmp_path / "logs" / "main.log").read_text() == out
+    for pid in map(int, pids_file.read_text().split()):
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+def test_torchrun_under_run_gives_a_log_per_rank(tmp_path) -> None:
+    pytest.importorskip("torch.distributed.run")
+    (tmp_path / "train.py").write_text(textwrap.dedent("""
+        import os, sys
+        rank = int(os.environ["RANK"])
+        for i in range(5):
+            print(f"rank {rank} step {i}")
+        print(f"rank {rank} warns", file=sys.stderr)
+    """))
+    done = _run(["--log-dir", "logs", "--", sys.executable, "-m", "torch.distributed.run",
+                 "--standalone", "--nproc-per-node", "2", "train.py"], tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    for rank in range(2):
+        assert (tmp_path / "logs" / f"rank{rank}.log").read_text() == "".join(
+            f"rank {rank} step {i}\n" for i in range(5)) + f"rank {rank} warns\n"
+        assert done.stdout.count(f"[rank{rank}] rank {rank} step 4\n") == 1
+
+
+def test_run_wandb_torchrun_every_rank_in_rank_0s_run_and_in_the_logs(tmp_path) -> None:
+    """`safe-redirect run --wandb -- torchrun ...`: the ranks attach to the run's capture and
+    join their job, so that rank 0's wandb run has every rank's lines, as the logs do."""
+    pytest.importorskip("torch.distributed.run")
+    pytest.importorskip("wandb")
+    (tmp_path / "train.py").write_text(textwrap.dedent("""
+        import os, sys, time
+        rank = int(os.environ["RANK"])
+        run = None
+        if rank == 0:
+            import wandb
+            run = wandb.init(mode="offline", project="run")
+        for i in range(20):
+            print(f"rank {rank} step {i}")
+        time.sleep(1.0)
+        if run is not None:
+            run.finish()
+            open("log", "w").write(os.path.join(run.settings.files_dir, "output.log"))
+    """))
+    done = subprocess.run(
+        [sys.executable, "-m", "safe_redirect", "run", "--wandb", "--log-dir", "logs", "--",
+         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         "train.py"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    output_log = Path((tmp_path / "log").read_text()).read_text().splitlines()
+    for rank in range(2):
+        steps = [f"rank {rank} step {i}" for i in range(20)]
+        assert [line for line in output_log if f"rank {rank} step" in line] == [
+            f"[rank{rank}] {step}" for step in steps]
+        assert (tmp_path / "logs" / f"rank{rank}.log").read_text().splitlines() == steps
