@@ -98,6 +98,28 @@ def _count(text: str) -> int:
     return value
 
 
+def _ranks(text: str) -> frozenset[int]:
+    """argparse type: global ranks, comma-separated ("0,3")."""
+    try:
+        ranks = frozenset(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of ranks like 0,3: {text!r}") from None
+    if any(rank < 0 for rank in ranks):
+        raise argparse.ArgumentTypeError(f"a rank is 0 or more: {text!r}")
+    return ranks
+
+
+def _seconds(text: str) -> float:
+    """argparse type: a number of seconds above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be above 0, not {text}")
+    return value
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="safe-redirect", description=__doc__)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -125,6 +147,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     run_parser.add_argument("--wandb", action="store_true",
                             help="patch wandb in every process of the job, as "
                             "SAFE_REDIRECT_PATCH=wandb does")
+    run_parser.add_argument("--ranks", type=_ranks, metavar="0,3",
+                            help="show only these global ranks on the terminal (processes "
+                            "without a rank are always shown); every rank is still logged")
+    run_parser.add_argument("--dedup", action="store_true",
+                            help="on the terminal, lines alike (equal but for numbers and hex "
+                            "words) from several processes within a window show once, then "
+                            "'[repeated Nx across ranks]'; the logs keep every line")
+    run_parser.add_argument("--dedup-window", type=_seconds, default=5.0, metavar="S",
+                            help="the --dedup window, seconds (default %(default)s)")
     run_parser.add_argument("command", nargs=argparse.REMAINDER,
                             help="the command and its arguments, after --")
     args = parser.parse_args(argv)
@@ -139,4 +170,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         run_parser.error(f"argument --tag: {exc}")
     from safe_redirect.launch import run
 
-    return run(command, log_dir=args.log_dir, tag=args.tag, wandb=args.wandb)
+    return run(command, log_dir=args.log_dir, tag=args.tag, wandb=args.wandb, ranks=args.ranks,
+               dedup_window=args.dedup_window if args.dedup else None)

@@ -28,6 +28,7 @@ from pathlib import Path
 from types import FrameType
 from typing import TextIO
 
+from safe_redirect.dedup import Dedup
 from safe_redirect.record import Interleaver, Record
 from safe_redirect.session import Session, install
 from safe_redirect.spawn import PATCH_VAR
@@ -41,8 +42,11 @@ LEFTOVER_GRACE = 2.0
 class JobLog:
     """Where the records go: the terminal (tagged), and the files of `--log-dir`."""
 
-    def __init__(self, out: int, err: int, log_dir: Path | None, main_pid: int) -> None:
+    def __init__(self, out: int, err: int, log_dir: Path | None, main_pid: int,
+                 ranks: frozenset[int] | None = None, dedup: Dedup | None = None) -> None:
         self._fds = {"stdout": out, "stderr": err}
+        self._ranks = ranks  # shown on the terminal (None: all); the files get every rank
+        self._dedup = dedup
         self._terminal = {"stdout": Interleaver(), "stderr": Interleaver()}
         self._main_pid = main_pid
         self._dir = log_dir
@@ -67,7 +71,7 @@ class JobLog:
         """On the drain thread: one record to the terminal and the logs."""
         if record.pid == self._main_pid and record.rank is None:
             record = replace(record, tag="")  # the command itself: untagged, as a master's
-        _write_all(self._fds[record.stream], self._terminal[record.stream].render(record))
+        self._to_terminal(record)
         if self._dir is None:
             return
         name = self._file_name(record)
@@ -77,8 +81,24 @@ class JobLog:
         file.write(record.text)
         self._files["all"].write(self._all.render(record))
 
+    def _to_terminal(self, record: Record) -> None:
+        if self._ranks is not None and record.rank is not None and record.rank not in self._ranks:
+            return
+        if self._dedup is not None and not record.continued:
+            lines = record.text.splitlines(keepends=True)
+            kept = [line for line in lines if not line.endswith("\n") or self._dedup.show(
+                record.stream, record.pid, record.tag, line.rstrip("\n"), record.time_ns)]
+            if not kept:
+                return
+            record = replace(record, text="".join(kept))
+        _write_all(self._fds[record.stream], self._terminal[record.stream].render(record))
+
     def on_pass_end(self, final: bool) -> None:
-        """What a pass delivered is in the files before the next: a crash loses none of it."""
+        """What a pass delivered is in the files before the next: a crash loses none of it.
+        `--dedup`: the summaries of the windows that have passed."""
+        if self._dedup is not None:
+            for stream, line in self._dedup.due(None if final else time.time_ns()):
+                _write_all(self._fds[stream], line)
         for file in self._files.values():
             file.flush()
 
@@ -145,7 +165,8 @@ def _exit_code(returncode: int) -> int:
 
 
 def run(command: Sequence[str], log_dir: Path | None = None, tag: str = "[rank{rank}] ",
-        wandb: bool = False) -> int:
+        wandb: bool = False, ranks: frozenset[int] | None = None,
+        dedup_window: float | None = None) -> int:
     """Run `command`, its whole process tree captured (see the module); its exit code."""
     if threading.current_thread() is not threading.main_thread():
         raise RuntimeError("safe_redirect.launch.run() takes signals: call it on the main thread")
@@ -159,7 +180,8 @@ def run(command: Sequence[str], log_dir: Path | None = None, tag: str = "[rank{r
     log: JobLog | None = None
     session: Session | None = None
     try:
-        log = JobLog(out, err, log_dir, main_pid=-1)
+        log = JobLog(out, err, log_dir, main_pid=-1, ranks=ranks,
+                     dedup=None if dedup_window is None else Dedup(dedup_window))
         session = install(on_output=log.on_output, on_pass_end=log.on_pass_end, mode="fd",
                           tag=tag)
         env = dict(os.environ)  # with what install() exported: where processes attach

@@ -180,3 +180,57 @@ def test_run_wandb_torchrun_every_rank_in_rank_0s_run_and_in_the_logs(tmp_path) 
         assert [line for line in output_log if f"rank {rank} step" in line] == [
             f"[rank{rank}] {step}" for step in steps]
         assert (tmp_path / "logs" / f"rank{rank}.log").read_text().splitlines() == steps
+
+
+CROWD = textwrap.dedent("""
+    import multiprocessing as mp, os
+    def work(rank):
+        os.environ["RANK"] = str(rank)
+        for step in range(3):
+            print(f"step {step} loss 0.{rank}{step}7 grad 0x{rank:x}f")
+        print(f"rank {rank} says {'hello' if rank % 2 else 'bye'}")
+    if __name__ == "__main__":
+        print("main")
+        ps = [mp.get_context("fork").Process(target=work, args=(r,)) for r in range(4)]
+        for p in ps: p.start()
+        for p in ps: p.join()
+""")
+
+
+def test_ranks_filter_the_terminal_only(tmp_path) -> None:
+    (tmp_path / "crowd.py").write_text(CROWD)
+    done = _run(["--ranks", "1,3", "--log-dir", "logs", "--", sys.executable, "crowd.py"],
+                tmp_path)
+    assert done.returncode == 0, done.stderr
+    shown = done.stdout.splitlines()
+    assert "main" in shown  # no rank: always shown
+    assert {line[:7] for line in shown if line.startswith("[")} == {"[rank1]", "[rank3]"}
+    for rank in range(4):  # every rank logged
+        assert len((tmp_path / "logs" / f"rank{rank}.log").read_text().splitlines()) == 4
+
+
+def test_dedup_shows_a_crowds_line_once_and_counts_the_rest(tmp_path) -> None:
+    """4 ranks print 3 steps alike (numbers and hex words aside) and a line in one of two
+    words: the first rank's steps show, the 9 others are counted; each word's line shows once
+    and is counted once more; the logs keep every line."""
+    (tmp_path / "crowd.py").write_text(CROWD)
+    done = _run(["--dedup", "--log-dir", "logs", "--", sys.executable, "crowd.py"], tmp_path)
+    assert done.returncode == 0, done.stderr
+    steps = [line for line in done.stdout.splitlines() if " step " in line]
+    assert len(steps) == 4, steps  # one rank's 3 steps, and the summary
+    first = steps[0]
+    assert steps[3] == f"{first} [repeated 9x across ranks]"
+    assert len({line[:7] for line in steps[:3]}) == 1  # the steps of the rank shown first
+    says = [line for line in done.stdout.splitlines() if " says " in line]
+    shown = sorted(line.split(" says ")[1] for line in says if "repeated" not in line)
+    assert shown == ["bye", "hello"]  # one of each word: ranks 0, 2 alike, ranks 1, 3 alike
+    assert sum(line.endswith(" [repeated 1x across ranks]") for line in says) == 2
+    assert len((tmp_path / "logs" / "all.log").read_text().splitlines()) == 1 + 4 * 4
+
+
+@pytest.mark.parametrize("args", [["--ranks", "a"], ["--ranks", "-1"],
+                                  ["--dedup-window", "0"], ["--dedup-window", "x"]])
+def test_bad_filter_arguments_are_a_usage_error(tmp_path, args) -> None:
+    done = _run([*args, "--", "true"], tmp_path)
+    assert done.returncode == 2
+    assert "usage: safe-redirect run" in done.stderr
