@@ -13,7 +13,7 @@ from pathlib import Path
 
 from safe_redirect import __version__
 from safe_redirect.arguments import check_tag
-from safe_redirect.record import Record
+from safe_redirect.record import LastStates, Record
 from safe_redirect.session import install
 
 __all__ = ["main"]
@@ -33,26 +33,15 @@ def _worker(rank: int, steps: int) -> None:
 
 
 def as_a_log_shows(records: Sequence[Record]) -> list[str]:
-    """The records as a log shows them (wandb's output.log does the same): each process's lines
-    under its tag (the master's "[master]", stderr marked), in the order they were finished, a
-    line drawn over with `\\r` (a progress bar) in its last state, never two processes on one
-    line. A record that goes on with a line an earlier one began (`Record.continued`) finishes
-    that line."""
-    open_lines: dict[tuple[int, str], tuple[str, str]] = {}  # writer -> (tag, its open line)
-    lines: list[str] = []
-    for record in records:
-        writer = (record.pid, record.stream)
-        tag = (record.tag or "[master] ") + ("(stderr) " if record.stream == "stderr" else "")
-        open_tag, head = open_lines.pop(writer, (tag, ""))
-        if head and not record.continued:  # its line was cut short (a spill): it ends there
-            lines.append(open_tag + head.rsplit("\r", 1)[-1])
-            head = ""
-        *finished, rest = (head + record.text).split("\n")
-        lines += [tag + line.rsplit("\r", 1)[-1] for line in finished]
-        if rest:
-            open_lines[writer] = (tag, rest)
-    lines += [tag + rest.rsplit("\r", 1)[-1] for tag, rest in open_lines.values()]
-    return lines
+    """The records as a log shows them (`LastStates`; wandb's output.log does the same): each
+    line under its process's tag, the master's "[master]", stderr marked."""
+    def tagged(record: Record, line: str) -> str:
+        stderr = "(stderr) " if record.stream == "stderr" else ""
+        return f"{record.tag or '[master] '}{stderr}{line}"
+
+    states = LastStates()
+    lines = [tagged(record, line) for r in records for record, line in states.feed(r)]
+    return lines + [tagged(record, line) for record, line in states.end()]
 
 
 def demo(workers: int = 8, steps: int = 5) -> int:
@@ -156,6 +145,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                             "'[repeated Nx across ranks]'; the logs keep every line")
     run_parser.add_argument("--dedup-window", type=_seconds, default=5.0, metavar="S",
                             help="the --dedup window, seconds (default %(default)s)")
+    run_parser.add_argument("--no-color", action="store_true",
+                            help="no colours on a terminal (NO_COLOR in the environment too)")
     run_parser.add_argument("command", nargs=argparse.REMAINDER,
                             help="the command and its arguments, after --")
     args = parser.parse_args(argv)
@@ -171,4 +162,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     from safe_redirect.launch import run
 
     return run(command, log_dir=args.log_dir, tag=args.tag, wandb=args.wandb, ranks=args.ranks,
-               dedup_window=args.dedup_window if args.dedup else None)
+               dedup_window=args.dedup_window if args.dedup else None,
+               color=not args.no_color)

@@ -4,10 +4,10 @@ The command runs under a capture of this process (fd mode): Python processes of 
 through the start-up `.pth` (forks follow their parent), and write into lanes of their own;
 what else writes to the inherited fds 1 and 2 (a shell, a C program) lands in our pipes. Every
 process's terminal is /dev/null meanwhile: this process alone writes the terminal, each line
-under its process's tag (`Interleaver`: never two processes on one line), so that the live view
-reads as the logs do. With `--log-dir`, one file per rank (else per process name, else pid; the
-command's own untagged lines in `main.log`) and `all.log`, the tagged merge, written as records
-arrive.
+under its process's tag (`runview.py`), so that the live view reads as the logs do. With
+`--log-dir`, one file per rank (else per process name, else pid; the command's own untagged lines
+in `main.log`) and `all.log`, the tagged merge, each line written once it is finished, in its last
+state (a progress bar's last drawing).
 
 The job runs in a process group of its own: SIGINT and SIGTERM are passed on to it (a second
 Ctrl-C kills it), and what is left of the group when the command ends is stopped. The exit code
@@ -29,7 +29,8 @@ from types import FrameType
 from typing import TextIO
 
 from safe_redirect.dedup import Dedup
-from safe_redirect.record import Interleaver, Record
+from safe_redirect.record import LastStates, Record
+from safe_redirect.runview import TerminalView
 from safe_redirect.session import Session, install
 from safe_redirect.spawn import PATCH_VAR
 
@@ -40,18 +41,18 @@ LEFTOVER_GRACE = 2.0
 
 
 class JobLog:
-    """Where the records go: the terminal (tagged), and the files of `--log-dir`."""
+    """Where the records go: the terminal (`runview.py`), and the files of `--log-dir`, each
+    line in its last state (a progress bar's last drawing), written as lines are finished."""
 
-    def __init__(self, out: int, err: int, log_dir: Path | None, main_pid: int,
-                 ranks: frozenset[int] | None = None, dedup: Dedup | None = None) -> None:
-        self._fds = {"stdout": out, "stderr": err}
+    def __init__(self, out: int, err: int, log_dir: Path | None, ranks: frozenset[int] | None,
+                 dedup: Dedup | None, color: bool) -> None:
+        self.main_pid = -1  # the command's process, once started: its lines are untagged
+        self._view = TerminalView(out, err, color)
         self._ranks = ranks  # shown on the terminal (None: all); the files get every rank
         self._dedup = dedup
-        self._terminal = {"stdout": Interleaver(), "stderr": Interleaver()}
-        self._main_pid = main_pid
         self._dir = log_dir
         self._files: dict[str, TextIO] = {}
-        self._all = Interleaver(one_log=True)
+        self._states = LastStates()
         if log_dir is not None:
             log_dir.mkdir(parents=True, exist_ok=True)
             self._files["all"] = self._open("all")
@@ -60,49 +61,50 @@ class JobLog:
         assert self._dir is not None
         return open(self._dir / f"{name}.log", "a", encoding="utf-8", errors="replace")
 
-    def _file_name(self, record: Record) -> str:
+    def _file(self, record: Record) -> TextIO:
         if not record.tag:
-            return "main"
-        if record.rank is not None:
-            return f"rank{record.rank}"
-        return record.tag.strip().strip("[]").replace("/", "_") or f"pid{record.pid}"
-
-    def on_output(self, record: Record) -> None:
-        """On the drain thread: one record to the terminal and the logs."""
-        if record.pid == self._main_pid and record.rank is None:
-            record = replace(record, tag="")  # the command itself: untagged, as a master's
-        self._to_terminal(record)
-        if self._dir is None:
-            return
-        name = self._file_name(record)
+            name = "main"
+        elif record.rank is not None:
+            name = f"rank{record.rank}"
+        else:
+            name = record.tag.strip().strip("[]").replace("/", "_") or f"pid{record.pid}"
         file = self._files.get(name)
         if file is None:
             file = self._files[name] = self._open(name)
-        file.write(record.text)
-        self._files["all"].write(self._all.render(record))
+        return file
 
-    def _to_terminal(self, record: Record) -> None:
-        if self._ranks is not None and record.rank is not None and record.rank not in self._ranks:
-            return
-        if self._dedup is not None and not record.continued:
-            lines = record.text.splitlines(keepends=True)
-            kept = [line for line in lines if not line.endswith("\n") or self._dedup.show(
-                record.stream, record.pid, record.tag, line.rstrip("\n"), record.time_ns)]
-            if not kept:
-                return
-            record = replace(record, text="".join(kept))
-        _write_all(self._fds[record.stream], self._terminal[record.stream].render(record))
+    def on_output(self, record: Record) -> None:
+        """On the drain thread: one record to the terminal and the logs."""
+        if record.pid == self.main_pid and record.rank is None:
+            record = replace(record, tag="")  # the command itself: untagged, as a master's
+        if self._ranks is None or record.rank is None or record.rank in self._ranks:
+            self._view.show(record, self._shown)
+        if self._dir is not None:
+            self._log(self._states.feed(record))
+
+    def _shown(self, source: Record, line: str) -> bool:
+        return self._dedup is None or self._dedup.show(source.stream, source.pid, source.tag,
+                                                       line, source.time_ns)
+
+    def _log(self, lines: list[tuple[Record, str]]) -> None:
+        for source, line in lines:
+            self._file(source).write(line + "\n")
+            self._files["all"].write(f"{source.tag}{line}\n")
 
     def on_pass_end(self, final: bool) -> None:
-        """What a pass delivered is in the files before the next: a crash loses none of it.
+        """What a pass finished is in the files before the next: a crash loses none of it.
         `--dedup`: the summaries of the windows that have passed."""
         if self._dedup is not None:
             for stream, line in self._dedup.due(None if final else time.time_ns()):
-                _write_all(self._fds[stream], line)
+                self._view.note(stream, line)
+        self._view.refresh()
         for file in self._files.values():
             file.flush()
 
     def close(self) -> None:
+        if self._dir is not None:
+            self._log(self._states.end())
+        self._view.close()
         for file in self._files.values():
             file.close()
 
@@ -166,7 +168,7 @@ def _exit_code(returncode: int) -> int:
 
 def run(command: Sequence[str], log_dir: Path | None = None, tag: str = "[rank{rank}] ",
         wandb: bool = False, ranks: frozenset[int] | None = None,
-        dedup_window: float | None = None) -> int:
+        dedup_window: float | None = None, color: bool = True) -> int:
     """Run `command`, its whole process tree captured (see the module); its exit code."""
     if threading.current_thread() is not threading.main_thread():
         raise RuntimeError("safe_redirect.launch.run() takes signals: call it on the main thread")
@@ -180,8 +182,8 @@ def run(command: Sequence[str], log_dir: Path | None = None, tag: str = "[rank{r
     log: JobLog | None = None
     session: Session | None = None
     try:
-        log = JobLog(out, err, log_dir, main_pid=-1, ranks=ranks,
-                     dedup=None if dedup_window is None else Dedup(dedup_window))
+        log = JobLog(out, err, log_dir, ranks,
+                     None if dedup_window is None else Dedup(dedup_window), color)
         session = install(on_output=log.on_output, on_pass_end=log.on_pass_end, mode="fd",
                           tag=tag)
         env = dict(os.environ)  # with what install() exported: where processes attach
@@ -194,7 +196,7 @@ def run(command: Sequence[str], log_dir: Path | None = None, tag: str = "[rank{r
         except OSError as exc:
             _write_all(err, f"safe-redirect run: cannot run {command[0]!r}: {exc}\n")
             return 127 if isinstance(exc, FileNotFoundError) else 126
-        log._main_pid = proc.pid
+        log.main_pid = proc.pid
         signals = _Signals(proc.pid)
         try:
             while True:

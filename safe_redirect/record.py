@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-__all__ = ["Interleaver", "Record", "render_tag"]
+__all__ = ["Interleaver", "LastStates", "Record", "render_tag"]
 
 
 @dataclass(frozen=True)
@@ -66,6 +66,45 @@ class Interleaver:
         else:
             self._open[log] = (writer, record.text.endswith("\r"))
         return text
+
+
+class LastStates:
+    """Each process's lines as a log file keeps them: whole lines in the order they were
+    finished, a line drawn over with `\\r` (a progress bar) in its last state, never two
+    processes on one line. A record that goes on with a line an earlier one began
+    (`Record.continued`), or draws over one that ended in `\\r`, finishes that line; one that
+    does neither ends it where it was cut."""
+
+    def __init__(self) -> None:
+        self._open: dict[tuple[int, str], tuple[Record, str]] = {}  # writer -> its open line
+
+    def feed(self, record: Record) -> list[tuple[Record, str]]:
+        """The lines `record` finishes, each with the record it came with (tag, rank, ...)."""
+        writer = (record.pid, record.stream)
+        opened, head = self._open.pop(writer, (record, ""))
+        finished = []
+        if head and not record.continued and not head.endswith("\r"):
+            finished.append((opened, _last_state(head)))  # cut short (a spill): it ends there
+            head = ""
+        *lines, rest = (head + record.text).split("\n")
+        finished += [(record, _last_state(line)) for line in lines]
+        if rest:
+            self._open[writer] = (record, rest)
+        return finished
+
+    def unfinished(self) -> list[tuple[Record, str]]:
+        """The lines begun and not ended yet, in their state now."""
+        return [(record, _last_state(rest)) for record, rest in self._open.values()]
+
+    def end(self) -> list[tuple[Record, str]]:
+        """The lines left unfinished, as they are; none is kept."""
+        lines = self.unfinished()
+        self._open.clear()
+        return lines
+
+
+def _last_state(line: str) -> str:
+    return line.rsplit("\r", 1)[-1]
 
 
 def render_tag(template: str, rank: int | None, pid: int, name: str = "") -> str:

@@ -234,3 +234,78 @@ def test_bad_filter_arguments_are_a_usage_error(tmp_path, args) -> None:
     done = _run([*args, "--", "true"], tmp_path)
     assert done.returncode == 2
     assert "usage: safe-redirect run" in done.stderr
+
+
+BARS = textwrap.dedent("""
+    import multiprocessing as mp, os, sys, time
+    def work(rank):
+        os.environ["RANK"] = str(rank)
+        for step in range(1, 21):
+            sys.stdout.write(f"\\rtraining [{'#' * step}{'.' * (20 - step)}] {step}/20")
+            sys.stdout.flush()
+            time.sleep(0.005)
+        sys.stdout.write("\\n")
+        print(f"rank {rank} done")
+    if __name__ == "__main__":
+        ps = [mp.get_context("fork").Process(target=work, args=(r,)) for r in range(3)]
+        for p in ps: p.start()
+        for p in ps: p.join()
+""")
+
+
+def test_progress_bars_in_a_pipe_and_the_logs_in_their_last_state(tmp_path) -> None:
+    (tmp_path / "bars.py").write_text(BARS)
+    done = _run(["--log-dir", "logs", "--", sys.executable, "bars.py"], tmp_path)
+    assert done.returncode == 0, done.stderr
+    for rank in range(3):
+        bar = f"training [{'#' * 20}] 20/20"
+        assert done.stdout.splitlines().count(f"[rank{rank}] {bar}") == 1
+        assert (tmp_path / "logs" / f"rank{rank}.log").read_text() == f"{bar}\nrank {rank} done\n"
+    assert "\r" not in done.stdout and "/20" not in done.stdout.replace("20/20", "")
+
+
+def _on_a_terminal(args: list[str], cwd: Path, env: dict[str, str]) -> tuple[int, str]:
+    """Run the CLI with fds 0, 1 and 2 on a pseudo-terminal; its exit code and what it drew."""
+    import pty
+    import select
+
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "safe_redirect", "run", *args], cwd=cwd,
+                            stdin=slave, stdout=slave, stderr=slave, env=env)
+    os.close(slave)
+    out = b""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([master], [], [], 1.0)
+        if ready:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # the other side closed
+                break
+            if not chunk:
+                break
+            out += chunk
+        elif proc.poll() is not None:
+            break
+    os.close(master)
+    return proc.wait(timeout=60), out.decode("utf-8", "replace")
+
+
+@pytest.mark.parametrize("no_color", [False, True])
+def test_on_a_terminal_tags_are_coloured_and_bars_live(tmp_path, no_color) -> None:
+    """On a tty: each rank's tag in a colour of its own (none with NO_COLOR), the bars drawn in
+    a live region (cursor movements), every finished line once."""
+    pytest.importorskip("rich")
+    (tmp_path / "bars.py").write_text(BARS)
+    env = {**os.environ, "TERM": "xterm-256color"}
+    env.pop("NO_COLOR", None)
+    if no_color:
+        env["NO_COLOR"] = "1"
+    code, drawn = _on_a_terminal(["--", sys.executable, "bars.py"], tmp_path, env)
+    assert code == 0, drawn[-2000:]
+    colours = {"\x1b[36m[rank0] ", "\x1b[35m[rank1] ", "\x1b[32m[rank2] "}
+    assert all((colour in drawn) != no_color for colour in colours), drawn[-1000:]
+    assert "\x1b[1A\x1b[2K" in drawn  # the live region redrawn in place
+    plain = drawn.replace("\x1b[0m", "")
+    for rank in range(3):
+        assert plain.count(f"[rank{rank}] rank {rank} done\r\n") == 1
