@@ -32,8 +32,8 @@ from safe_redirect.exits import forget_before_os_exit, run_at_multiprocessing_ch
 from safe_redirect.hooks import HookState
 from safe_redirect.hosts import uncaptured_in_kernel
 from safe_redirect.job import JOB_VAR, JobRing, job_key, job_name, sweep_abandoned_jobs
-from safe_redirect.launchers import detect_rank, watch_torch_xla
 from safe_redirect.master import Master, OnOutput, OnPassEnd, Stats, count
+from safe_redirect.ranks import detect_rank, watch_torch_xla
 from safe_redirect.ring import Ring
 from safe_redirect.spawn import AttachInfo, ensure_pth
 from safe_redirect.stamp import Stamp, on_fork_in_child, remove_fork_handler
