@@ -15,7 +15,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from safe_redirect.launchers import set_thread_rank
+    from safe_redirect.ranks import set_thread_rank
     from safe_redirect.record import Record
     from safe_redirect.session import (
         MODES,
@@ -35,7 +35,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "Record": "safe_redirect.record",
-    "set_thread_rank": "safe_redirect.launchers",
+    "set_thread_rank": "safe_redirect.ranks",
     **dict.fromkeys(("MODES", "OVERFLOW_POLICIES", "Session", "Stats", "install", "join_job",
                      "stats"),
                     "safe_redirect.session"),

@@ -156,11 +156,12 @@ class Drain:
         self._requested = 0  # sync requests made
         self._completed = 0  # sync requests served
         self._stopping = False
-        self._parking = False  # a fork is about to happen: end the thread, state kept
-        self._left_for_fork = False
         self._next_reap = 0.0
-        self._thread: threading.Thread | None = None
-        #: called with the ident of every thread started after the first (see resume())
+        # the thread ends between passes around a fork (fork_parking) and a new one goes on
+        self._worker = fork_parking.ParkableThread(
+            "safe_redirect-drain", self._run, self._cond, self._segment.wake,
+            stopping=lambda: self._stopping, restarted=lambda ident: self.on_restart(ident))
+        #: called with the ident of every thread started after the first (after a fork)
         self.on_restart: Callable[[int], None] = lambda ident: None
         self._lane_misses_seen = 0
         # totals of lanes already freed, so that stats survive lane reuse
@@ -180,43 +181,16 @@ class Drain:
 
     @property
     def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        return self._worker.alive
 
     def start(self) -> int:
-        self._thread = threading.Thread(target=self._run, name="safe_redirect-drain", daemon=True)
-        self._thread.start()
-        assert self._thread.ident is not None
-        fork_parking.register(self)
-        return self._thread.ident
-
-    # -- around a fork (see fork_parking): the thread ends between passes and a new one goes on
-
-    def parked_thread(self) -> threading.Thread | None:
-        thread = self._thread
-        return thread if thread is not None and thread.is_alive() and not self._stopping else None
-
-    def park(self, deadline: float) -> bool:
-        thread = self.parked_thread()
-        if thread is None:
-            return False
-        with self._cond:
-            self._parking, self._left_for_fork = True, False
-        self._segment.wake()
-        thread.join(max(0.0, deadline - time.monotonic()))
-        with self._cond:
-            self._parking = False
-            left = self._left_for_fork  # decided under the lock: it ends, or it goes on
-        if left:
-            thread.join(1.0)  # it is past its last pass: only the thread's own exit is left
-        return left
-
-    def resume(self) -> None:
-        self.on_restart(self.start())
+        return self._worker.start()
 
     def sync(self, timeout: float | None) -> bool:
         """Deliver everything published so far, partial lines included. False on timeout."""
         fork_parking.resume_now()
-        if self._thread is None or threading.get_ident() == self._thread.ident:
+        thread = self._worker.thread
+        if thread is None or threading.get_ident() == thread.ident:
             self._pass(final=True)
             self._pass_end(True)
             return True
@@ -226,7 +200,7 @@ class Drain:
         self._segment.wake()
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
-            while self._completed < target and self._thread.is_alive():
+            while self._completed < target and self._worker.alive:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     return False
@@ -235,15 +209,16 @@ class Drain:
 
     def stop(self, timeout: float | None) -> bool:
         """A final sync, then the thread ends. Idempotent."""
-        if self._thread is None:
+        if self._worker.thread is None:
             return True
-        fork_parking.unregister(self)
+        fork_parking.unregister(self._worker)
         delivered = self.sync(timeout)
         with self._cond:
             self._stopping = True
         self._segment.wake()
-        self._thread.join(timeout)
-        stopped = not self._thread.is_alive()
+        thread = self._worker.thread
+        thread.join(timeout)
+        stopped = not thread.is_alive()
         if stopped:
             self._pipes.close_all()
         return delivered and stopped
@@ -263,8 +238,7 @@ class Drain:
         while True:
             with self._cond:
                 requested, stopping = self._requested, self._stopping
-                if self._parking and not stopping:
-                    self._left_for_fork = True
+                if self._worker.leaving_for_fork():
                     return
             final = requested > self._completed
             try:
@@ -333,7 +307,7 @@ class Drain:
         merged = self._queued.take(horizon)
         # the last pass of a stopping thread must leave nothing read and undelivered
         read_ahead = not self._stopping and self.alive and (
-            threading.get_ident() == getattr(self._thread, "ident", None))
+            threading.get_ident() == getattr(self._worker.thread, "ident", None))
         next_read = time.monotonic() + self.read_ahead_interval
         for record in merged:
             self.records_delivered += 1

@@ -18,6 +18,7 @@ for that and for a spawned child's terminal, is `procfs.py`'s.
 
 from __future__ import annotations
 
+import enum
 import fcntl
 import mmap
 import os
@@ -25,14 +26,13 @@ import socket
 import struct
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterable
 
 from safe_redirect import fork_parking
 from safe_redirect.procfs import append_if_regular_file
 from safe_redirect.ring import STREAM_FDS, STREAMS, Producer, PumpEvent, pump
 
-__all__ = ["FdCapture", "PipeHandOver", "close_fds", "flush_python_streams"]
+__all__ = ["FdCapture", "FdState", "PipeHandOver", "close_fds", "flush_python_streams"]
 
 #: Pipe capacity: a writer printing flat out does not block while the pump pauses.
 _PIPE_BYTES = 1 << 20
@@ -121,6 +121,32 @@ def close_fds(fds: Iterable[int]) -> None:
         os.close(fd)
 
 
+class FdState(enum.Enum):
+    """Where an FdCapture is in its life. Each move is made in one place, under its lock (not in
+    a forked child, which may have inherited the lock held: `abandon_in_child`)."""
+
+    NEW = "new"  # made; fds 1 and 2 untouched
+    OPEN = "open"  # fds 1 and 2 on our pipes, no pump yet (open)
+    PUMPING = "pumping"  # the pump captures (run); it steps aside around forks (ParkableThread)
+    STOPPING = "stopping"  # fds 1 and 2 put back; the pump captures what the pipes hold (stop)
+    TEEING = "teeing"  # all that was written before stop() captured: the pump only tees now,
+    # until every writer (a subprocess, say) closed its end
+    ENDED = "ended"  # the pump ended at its pipes' EOF before stop(); the saved fds stay open
+    CLOSED = "closed"  # saved fds and wake pipe closed, once, by the last of stop() and the pump
+    ABANDONED = "abandoned"  # a forked child let go of its parent's capture
+
+
+_MOVES = {
+    FdState.NEW: {FdState.OPEN, FdState.CLOSED},
+    FdState.OPEN: {FdState.PUMPING, FdState.CLOSED},
+    FdState.PUMPING: {FdState.STOPPING, FdState.ENDED},
+    FdState.STOPPING: {FdState.TEEING, FdState.CLOSED},
+    FdState.TEEING: {FdState.CLOSED},
+    FdState.ENDED: {FdState.CLOSED},
+    FdState.CLOSED: set(),
+}
+
+
 class FdCapture:
     """Pipes on fds 1 and 2 of this process and the pump thread that empties them.
 
@@ -145,21 +171,29 @@ class FdCapture:
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
         self._pipes: dict[int, tuple[int, int]] = {}  # 1 / 2 -> (st_dev, st_ino) of our pipe
-        self._capturing = True
-        self._stop = False
-        self._drained = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._open_readers: set[int] | None = None  # the pump's, kept while it is parked
-        self._parking = False
-        self._left_for_fork = False
-        # The saved fds are closed by whichever comes last: stop(), or the pump's end.
-        self._closing = threading.Lock()
-        self._pump_done = False
-        self._saved_closed = False
-        self._synced = threading.Condition()
+        # guards the state, the wake pipe's writes and close, and the sync requests
+        self._lock = threading.Condition()
+        self._state = FdState.NEW
         self._sync_requested = 0
         self._sync_done = 0
+        self._open_readers: set[int] | None = None  # the pump's, kept while it is parked
         self._fed: Producer | None = None  # the lane our pipes feed besides the hooks
+        self._pump_thread = fork_parking.ParkableThread(
+            "safe_redirect-fd-pump", self._pump, self._lock, wake=lambda: self._wake(b"p"),
+            stopping=lambda: self._state is not FdState.PUMPING)
+
+    def __repr__(self) -> str:
+        return f"<FdCapture {self._state.value} fds={sorted(self.saved)}>"
+
+    @property
+    def state(self) -> FdState:
+        return self._state
+
+    def _become(self, state: FdState) -> None:
+        """Move to `state` (the lock held); a move the lifecycle has not is a bug of ours."""
+        if state not in _MOVES[self._state]:
+            raise RuntimeError(f"fd capture is {self._state.value}, cannot become {state.value}")
+        self._state = state
 
     def feed(self, producer: Producer | None) -> None:
         """Tell `producer` (this process's lane) our pipes and the saved terminals: from now on
@@ -193,6 +227,8 @@ class FdCapture:
         """Point fds 1 and 2 at new pipes; nothing reads them until run(). What the Python
         streams buffer goes to the old fds first; not in a child attaching right after fork (the
         buffers hold its parent's output, and their hooks would attach other sessions then)."""
+        with self._lock:
+            self._become(FdState.OPEN)
         if flush:
             flush_python_streams()
         for stream, fd in self._targets:
@@ -209,79 +245,62 @@ class FdCapture:
             self.readers[r] = (stream, fd)
 
     def run(self) -> None:
-        self._thread = threading.Thread(target=self._pump, name="safe_redirect-fd-pump",
-                                        daemon=True)
-        self._thread.start()
-        fork_parking.register(self)
+        """Start the pump. Around a fork (see fork_parking) it ends between reads, and a new one
+        goes on after it: what is written meanwhile waits in the pipes."""
+        with self._lock:
+            self._become(FdState.PUMPING)
+        self._pump_thread.start()
 
-    # -- around a fork (see fork_parking): the pump ends between reads; what is written
-    # meanwhile waits in the pipes for the next pump
-
-    def parked_thread(self) -> threading.Thread | None:
-        thread = self._thread
-        return thread if thread is not None and thread.is_alive() and not self._stop else None
-
-    def park(self, deadline: float) -> bool:
-        thread = self.parked_thread()
-        if thread is None:
-            return False
-        with self._synced:
-            self._parking, self._left_for_fork = True, False
-        self._wake(b"p")
-        thread.join(max(0.0, deadline - time.monotonic()))
-        with self._synced:
-            self._parking = False
-            left = self._left_for_fork  # decided under the lock: it ends, or it goes on
-        if left:
-            thread.join(1.0)  # past its last read: only the thread's own exit is left
-        return left
-
-    def resume(self) -> None:
-        self.run()
+    @property
+    def thread(self) -> threading.Thread | None:
+        """The pump thread of the moment (None before run())."""
+        return self._pump_thread.thread
 
     def sync(self, timeout: float | None) -> bool:
         """Return once the pump has captured everything written to fds 1 and 2 before."""
         fork_parking.resume_now()
-        if self._stop or self._thread is None:
+        if self._state not in (FdState.PUMPING, FdState.ENDED):
             return True
         flush_python_streams()
-        with self._synced:
+        with self._lock:
             self._sync_requested += 1
             target = self._sync_requested
         self._wake(b"s")
-        with self._synced:
-            return self._synced.wait_for(lambda: self._sync_done >= target or self._pump_done,
-                                         timeout)
+        with self._lock:
+            return self._lock.wait_for(
+                lambda: self._sync_done >= target or self._state in _PUMP_GONE, timeout)
 
     def stop(self, timeout: float | None) -> bool:
         """Put fds 1 and 2 back, capture what the pipes hold, then only tee until every writer
         (a subprocess, say) has closed its end. Returns False if the pump did not answer."""
-        if self._stop:
-            return self._drained.is_set()
+        if self._state in (FdState.STOPPING, FdState.TEEING, FdState.CLOSED, FdState.ABANDONED):
+            return self._state is not FdState.STOPPING  # stopped before
         fork_parking.resume_now()
-        fork_parking.unregister(self)
+        fork_parking.unregister(self._pump_thread)
         flush_python_streams()
         for fd, saved in self.saved.items():
             if self._still_ours(fd):  # not if somebody (pytest's capfd, say) took fd 1 since
                 os.dup2(saved, fd)
-        with self._closing:  # the pump, ending on its pipes' EOF, closes the wake pipe once
-            self._stop = True  # it sees this: not between it and our write
-            self._wake_locked(b"x")
-        drained = self._drained.wait(timeout)
-        with self._closing:
-            if self._pump_done:
+        with self._lock:
+            if self._state is FdState.PUMPING:
+                self._become(FdState.STOPPING)  # the pump, ending at its pipes' EOF, closes
+                self._wake_locked(b"x")  # the wake pipe once it sees this: not before our write
+            else:  # NEW, OPEN, ENDED: no pump (any more), nobody else closes
+                if self._open_readers is None:  # none ever ran: the read ends are ours too
+                    close_fds(self.readers)
+                    self._open_readers = set()
                 self._close_saved()
-        return drained
+            return self._lock.wait_for(lambda: self._state is not FdState.STOPPING, timeout)
 
     def _wake(self, reason: bytes) -> None:
         """Have the pump come back to Python. Its wake pipe is closed with the saved fds, by
-        whichever of stop() and the pump's end comes last (under _closing): never after that,
+        whichever of stop() and the pump's end comes last (under the lock): never after that,
         and never blocking on a pipe that nobody reads any more (the pump ended at EOF)."""
-        with self._closing:
+        with self._lock:
             self._wake_locked(reason)
 
     def _wake_locked(self, reason: bytes) -> None:
-        if not self._saved_closed:
+        if self._state not in (FdState.CLOSED, FdState.ABANDONED):
             try:
                 os.write(self._wake_w, reason)
             except BlockingIOError:
@@ -295,10 +314,8 @@ class FdCapture:
         return (info.st_dev, info.st_ino) == self._pipes.get(fd)
 
     def _close_saved(self) -> None:
-        """Once: by stop() if the pump has ended, else by the pump as it ends (under _closing)."""
-        if self._saved_closed:
-            return
-        self._saved_closed = True
+        """Once (the lock held): by stop() if the pump has ended, else by the pump as it ends."""
+        self._become(FdState.CLOSED)
         if self._fed is not None:
             self._fed.unfeed()  # no hook writes to a saved fd after this
             self._fed = None
@@ -315,13 +332,18 @@ class FdCapture:
         """After fork: the pump does not exist here. Point fds 1 and 2 back at the terminal,
         never at the master's pipes, and drop every fd of the master's capture but the saved
         terminal copies (the child's own capture starts from them). The producer it fed is
-        the master's: the hooks leave it at their first write here."""
+        the master's: the hooks leave it at their first write here. Takes no lock: the pump
+        may have held it at the fork."""
         self._fed = None
+        state, self._state = self._state, FdState.ABANDONED
+        if state is FdState.CLOSED:
+            return  # the saved fds, the wake pipe and the read ends are closed
         for fd, saved in self.saved.items():
             os.dup2(saved, fd)
             os.close(saved)
-        for r in self.readers:
-            os.close(r)
+        # the read ends the pump closed at their EOF are not ours to close: the numbers may
+        # have been taken since
+        close_fds(self.readers if self._open_readers is None else self._open_readers)
         os.close(self._wake_r)
         os.close(self._wake_w)
         self.readers.clear()
@@ -346,28 +368,27 @@ class FdCapture:
                 if fed is not None:  # it reads this pipe too: not once the number is free
                     fed.unfeed(self.readers[r][0])
                 os.close(r)
-            with self._synced:
+            with self._lock:
                 requested = self._sync_requested
             if requested != self._sync_done:
                 self._drain_pipes(open_readers)
-                with self._synced:
+                with self._lock:
                     self._sync_done = requested
-                    self._synced.notify_all()
-            if self._stop and self._capturing:
+                    self._lock.notify_all()
+            if self._state is FdState.STOPPING:
                 self._drain_pipes(open_readers)  # all that was written before stop(): captured
-                self._capturing = False
-                self._drained.set()
-            with self._synced:
-                if self._parking and not self._stop:
-                    self._left_for_fork = True
+                with self._lock:
+                    self._become(FdState.TEEING)
+                    self._lock.notify_all()
+            with self._lock:
+                if self._pump_thread.leaving_for_fork():
                     return
-        self._drained.set()
-        with self._synced:
-            self._pump_done = True
-            self._synced.notify_all()
-        with self._closing:
-            if self._stop:
-                self._close_saved()
+        with self._lock:
+            if self._state is FdState.PUMPING:
+                self._become(FdState.ENDED)  # stop() closes the saved fds
+            else:
+                self._close_saved()  # stop() came first: the saved fds are ours to close
+            self._lock.notify_all()
 
     def _drain_pipes(self, open_readers: set[int]) -> None:
         """Capture everything the pipes hold right now."""
@@ -377,7 +398,8 @@ class FdCapture:
     def _pump_once(self, open_readers: set[int], drain_only: bool,
                    fresh: bool) -> tuple[int, int]:
         """One call of `pump`, the rank read just before (`fresh`: after it said READY)."""
-        producer, wait_room = self._lane() if self._capturing else (None, 0.0)
+        capturing = self._state is not FdState.TEEING  # after stop()'s drain: tee only
+        producer, wait_room = self._lane() if capturing else (None, 0.0)
         pipes = [(r, self.saved.get(fd, -1), stream) for r, (stream, fd) in self.readers.items()
                  if r in open_readers]
         event, r, rest = pump(pipes, self._wake_r, self._buffer, producer, wait_room,
@@ -387,6 +409,10 @@ class FdCapture:
         elif event == PumpEvent.REST and rest is not None and producer is not None:
             self._on_rest(producer, self.readers[r][0], rest)
         return event, r
+
+
+#: the pump has ended, not for a fork: nothing will serve a sync any more
+_PUMP_GONE = (FdState.ENDED, FdState.CLOSED)
 
 
 def _enlarge_pipe(fd: int) -> None:

@@ -26,11 +26,12 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Protocol
 
 from safe_redirect.diagnostics import warn
 
-__all__ = ["PARK_TIMEOUT", "Parkable", "register", "resume_now", "unregister"]
+__all__ = ["PARK_TIMEOUT", "Parkable", "ParkableThread", "register", "resume_now", "unregister"]
 
 #: how long all of our threads together may take to park before a fork, seconds
 PARK_TIMEOUT = 0.25
@@ -53,6 +54,69 @@ class Parkable(Protocol):
 
     def parked_thread(self) -> threading.Thread | None:
         """The thread that park() would end, if it runs."""
+
+
+class ParkableThread:
+    """One daemon thread of an owner (the drain, an fd pump) and its side of the park handshake:
+    the Parkable registered here while it runs. The thread calls `leaving_for_fork()` at each
+    safe point, under `lock` (the owner's, which also guards whether it is stopping): there it
+    learns whether to end for a fork. Whatever it needs to go on is the owner's, kept while it is
+    parked; `resume()` starts a new thread on `target` and tells `restarted` its ident."""
+
+    def __init__(self, name: str, target: Callable[[], None], lock: threading.Condition,
+                 wake: Callable[[], None], stopping: Callable[[], bool],
+                 restarted: Callable[[int], None] = lambda ident: None) -> None:
+        self._name = name
+        self._target = target
+        self._lock = lock
+        self._wake = wake  # have the thread come to its next safe point now
+        self._stopping = stopping  # the owner's stop wins over a park
+        self.restarted = restarted
+        self.thread: threading.Thread | None = None
+        self._parking = False  # a fork is about to happen: end at the next safe point
+        self._left = False  # the thread ended for it (decided under the lock)
+
+    def start(self) -> int:
+        """Start the thread; it parks around every fork of this process from now on."""
+        thread = self.thread = threading.Thread(target=self._target, name=self._name,
+                                                daemon=True)
+        thread.start()
+        register(self)
+        assert thread.ident is not None
+        return thread.ident
+
+    @property
+    def alive(self) -> bool:
+        return self.thread is not None and self.thread.is_alive()
+
+    def leaving_for_fork(self) -> bool:
+        """On the thread, at a safe point, under the owner's lock: True if it must end now."""
+        if self._parking and not self._stopping():
+            self._left = True
+            return True
+        return False
+
+    def parked_thread(self) -> threading.Thread | None:
+        thread = self.thread
+        return thread if thread is not None and thread.is_alive() and not self._stopping() else None
+
+    def park(self, deadline: float) -> bool:
+        thread = self.parked_thread()
+        if thread is None:
+            return False
+        with self._lock:
+            self._parking, self._left = True, False
+        self._wake()
+        thread.join(max(0.0, deadline - time.monotonic()))
+        with self._lock:
+            self._parking = False
+            left = self._left  # decided under the lock: it ends, or it goes on
+        if left:
+            thread.join(1.0)  # past its last safe point: only the thread's own exit is left
+        return left
+
+    def resume(self) -> None:
+        self.restarted(self.start())
 
 
 _registered: list[tuple[int, Parkable]] = []  # (pid that registered it, the owner)

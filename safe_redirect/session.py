@@ -39,8 +39,8 @@ from safe_redirect.job import (
     job_name,
     sweep_abandoned_jobs,
 )
-from safe_redirect.launchers import detect_rank, watch_torch_xla
 from safe_redirect.master import Master, OnOutput, OnPassEnd, Stats, count
+from safe_redirect.ranks import detect_rank, watch_torch_xla
 from safe_redirect.ring import Ring
 from safe_redirect.spawn import AttachInfo, ensure_pth
 from safe_redirect.stamp import Stamp, on_fork_in_child, remove_fork_handler

@@ -21,9 +21,9 @@ from safe_redirect.diagnostics import warn
 from safe_redirect.exits import run_before_os_exit
 from safe_redirect.fdcapture import FdCapture, PipeHandOver, flush_python_streams
 from safe_redirect.hooks import StreamHooks, reaim_in_child
-from safe_redirect.launchers import detect_rank, set_thread_rank
 from safe_redirect.overflow import Overflow
 from safe_redirect.procfs import reopen_terminal
+from safe_redirect.ranks import detect_rank, set_thread_rank
 from safe_redirect.ring import Hook, Producer, Ring
 from safe_redirect.stamp import Stamp, fork_generation, process_name
 

@@ -70,7 +70,7 @@ def fd_capture_of(s: Session) -> FdCapture | None:
 def fd_pump_thread(s: Session) -> Any:
     """fd mode: the pump thread of this process's capture (None if it has none)."""
     fd = fd_capture_of(s)
-    return None if fd is None else fd._thread
+    return None if fd is None else fd.thread
 
 
 def drain_fd_pump(s: Session) -> None:

@@ -11,7 +11,7 @@ import time
 import psutil
 import pytest
 
-from safe_redirect.launchers import detect_rank
+from safe_redirect.ranks import detect_rank
 from safe_redirect.stamp import Stamp, fork_generation
 
 from .conftest import wait_pid
