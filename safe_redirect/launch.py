@@ -109,17 +109,6 @@ class JobLog:
             file.close()
 
 
-def _write_all(fd: int, text: str) -> None:
-    data = text.encode("utf-8", "replace")
-    while data:
-        try:
-            data = data[os.write(fd, data):]
-        except InterruptedError:
-            continue
-        except OSError:
-            return  # the terminal went away: the logs still have it
-
-
 class _Signals:
     """SIGINT / SIGTERM of ours go to the job's process group; a second SIGINT kills it."""
 
@@ -194,7 +183,7 @@ def run(command: Sequence[str], log_dir: Path | None = None, tag: str = "[rank{r
         try:
             proc = subprocess.Popen(list(command), env=env, **group)
         except OSError as exc:
-            _write_all(err, f"safe-redirect run: cannot run {command[0]!r}: {exc}\n")
+            os.write(err, f"safe-redirect run: cannot run {command[0]!r}: {exc}\n".encode())
             return 127 if isinstance(exc, FileNotFoundError) else 126
         log.main_pid = proc.pid
         signals = _Signals(proc.pid)
