@@ -204,6 +204,22 @@ def test_patched_wandb_run_of_rank_0_has_every_ranks_lines(job, console) -> None
     _rank_lines(texts, 3, 50)
 
 
+def _torchrun_job(tmp_path: Path, script_text: str) -> tuple[Path, Path, dict[str, str]]:
+    """A script for torchrun to run, the directory its ranks meet in, and the environment of
+    a job under SAFE_REDIRECT_PATCH=wandb (skips without torch or a writable site-packages)."""
+    pytest.importorskip("torch.distributed.run")
+    if spawn.ensure_pth() is None:
+        pytest.skip("no writable site-packages for safe_redirect.pth")
+    script = tmp_path / "job.py"
+    script.write_text(script_text)
+    meet = tmp_path / "meet"
+    meet.mkdir()
+    env = {**os.environ, "SAFE_REDIRECT_PATCH": "wandb", "WANDB_MODE": "offline",
+           "WANDB_SILENT": "true"}
+    env.pop("SAFE_REDIRECT_JOB", None)
+    return script, meet, env
+
+
 @pytest.mark.parametrize(("console", "job_mode", "tee"), [
     ("wrap", "wrap", False), ("redirect", "wrap", False), ("redirect", "fd", False),
     ("wrap", "wrap", True)])
@@ -212,18 +228,10 @@ def test_torchrun_ranks_lines_in_rank_0s_wandb_run(tmp_path, console, job_mode, 
     environment, rank 0 opening its run after the others printed; with
     SAFE_REDIRECT_JOB_MODE=fd what the ranks write to fds 1 and 2 too; with `--tee 3
     --log-dir`, torchrun's own files and console keep every line as before."""
-    pytest.importorskip("torch.distributed.run")
-    if spawn.ensure_pth() is None:
-        pytest.skip("no writable site-packages for safe_redirect.pth")
-    script = tmp_path / "rank.py"
-    script.write_text(RANK_SCRIPT)
-    meet = tmp_path / "meet"
-    meet.mkdir()
+    script, meet, env = _torchrun_job(tmp_path, RANK_SCRIPT)
+    env["SAFE_REDIRECT_JOB_MODE"] = job_mode
     plan = {"meet": str(meet), "lines": 50, "wandb": console, "fork": True,
             "fdlines": job_mode == "fd"}
-    env = {**os.environ, "SAFE_REDIRECT_PATCH": "wandb", "WANDB_MODE": "offline",
-           "WANDB_SILENT": "true", "SAFE_REDIRECT_JOB_MODE": job_mode}
-    env.pop("SAFE_REDIRECT_JOB", None)
     before = _job_segments()
     logs = tmp_path / "torchrun-logs"
     tee_args = ["--tee", "3", "--log-dir", str(logs)] if tee else []
@@ -286,16 +294,7 @@ def test_torchrun_restart_the_new_attempts_run_has_its_ranks_lines(tmp_path) -> 
     """torchrun --max-restarts 1: rank 1 fails in the first attempt, every worker is stopped
     and started again (new pids, the same job id): the second attempt's run has both ranks'
     lines of that attempt, once, and nothing is left in /dev/shm."""
-    pytest.importorskip("torch.distributed.run")
-    if spawn.ensure_pth() is None:
-        pytest.skip("no writable site-packages for safe_redirect.pth")
-    script = tmp_path / "restart.py"
-    script.write_text(RESTART_SCRIPT)
-    meet = tmp_path / "meet"
-    meet.mkdir()
-    env = {**os.environ, "SAFE_REDIRECT_PATCH": "wandb", "WANDB_MODE": "offline",
-           "WANDB_SILENT": "true"}
-    env.pop("SAFE_REDIRECT_JOB", None)
+    script, meet, env = _torchrun_job(tmp_path, RESTART_SCRIPT)
     before = _job_segments()
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
